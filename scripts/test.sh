@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up a virtual environment and run the test suite (the README's test command).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+# torch is optional (PyTorch weight-conversion tests); the CPU build is preferred.
+.venv/bin/python -m pip install -q "torch==2.13.0" 2>/dev/null \
+  || echo "note: torch not installed; PyTorch conversion tests will be skipped"
+.venv/bin/python -m pytest -q "$@"
