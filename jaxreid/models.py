@@ -1,0 +1,631 @@
+"""ResNet / IBN-ResNet-a backbones, the re-ID head and ABMT's asymmetric two-branch network.
+
+Everything follows `method.md` section 1 (the reference PyTorch models of MMT and ABMT):
+
+* torchvision layout (ResNet v1.5: the stride of a bottleneck sits on its 3x3 conv), NHWC;
+  PyTorch's symmetric explicit padding (Flax 'SAME' pads asymmetrically for stride 2, which would
+  break weight-for-weight parity with converted checkpoints, see `jaxreid.convert`);
+* last stride 1 (a 256x128 input gives a 16x8 map), stem without ReLU for the plain ResNet (the
+  reference builds `nn.Sequential(conv1, bn1, maxpool, layer1..)`), with ReLU for IBN-a;
+* BatchNorm with PyTorch's eps/momentum and *unbiased* running variance, statistics in float32
+  whatever the compute dtype;
+* BN neck without bias, bias-free classifier initialised N(0, 0.001), eval output = L2-normalised
+  post-neck feature.
+
+Parameter tree (the `'params'` collection; `'batch_stats'` mirrors every BatchNorm with
+`mean`/`var`)::
+
+  ReIDNet:  backbone/{conv1, bn1, layer1_0 .. layer4_2}, neck/{scale}, classifier/{kernel}
+  ABMTNet:  backbone/{conv1, bn1, layer1_* .. layer3_*}          (shared trunk)
+            avg_branch/{layer4_0 .. layer4_2}                     (layer4 for the avg branch)
+            max_branch/{layer4_0 .. layer4_2, extra}              (layer4 copy + extra block)
+            avg_neck/{scale}, max_neck/{scale}, avg_classifier/{kernel}, max_classifier/{kernel}
+  block:    conv1, bn1 (IBN: bn1/IN/{scale,bias} + bn1/BN/{scale,bias}), conv2, bn2[, conv3, bn3]
+            [, downsample_conv, downsample_bn]
+  conv: {kernel (kh, kw, in, out)}; BN: {scale, bias} (+ batch_stats {mean, var});
+  Dense: {kernel (in, out)}
+
+Classifier *rows* in PyTorch terms are the *columns* of the Flax kernel: row k == kernel[:, k].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+# depth -> (block type, blocks per stage)
+RESNET_SPECS = {
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+    152: ('bottleneck', (3, 8, 36, 3)),
+}
+_EXPANSION = {'basic': 1, 'bottleneck': 4}
+POOLINGS = ('avg', 'max', 'gem')
+GEM_P = 3.0  # fixed (not learned) GeM exponent; no reference run uses GeM
+
+# torchvision's ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
+conv_init_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# ABMT's extra bottleneck (`weights_init_kaiming`): kaiming_normal_(a=0, mode='fan_in').
+conv_init_fan_in = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+classifier_init = nn.initializers.normal(stddev=0.001)
+
+
+def bn_scale_init_abmt(key, shape, dtype=jnp.float32):
+  """ABMT's extra bottleneck: BN weights ~ N(1, 0.02) (`weights_init_kaiming`)."""
+  return (1.0 + 0.02 * jax.random.normal(key, shape)).astype(dtype)
+
+
+def _to_dtype(dtype) -> Dtype:
+  if isinstance(dtype, str):
+    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16,
+            'fp32': jnp.float32, 'bf16': jnp.bfloat16}[dtype]
+  return dtype
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+  """`torch.nn.functional.normalize`: x / max(||x||, eps)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation layers
+
+
+class BatchNorm(nn.Module):
+  """PyTorch-equivalent BatchNorm over all axes but the last (works for NHWC and (B, D)).
+
+  Differences from `flax.linen.BatchNorm`, all needed for parity with the reference:
+  * the running variance is updated with the *unbiased* batch variance (n / (n - 1)), as PyTorch;
+  * statistics are computed in float32 (two-pass variance) whatever the compute dtype;
+  * `group_size` G > 0 normalises consecutive groups of G images with their own statistics.
+    This reproduces the reference's 4-GPU `nn.DataParallel`, where every BN replica saw a
+    16-image chunk of the 64-image batch. The running statistics are then updated with the mean
+    over groups of the group statistics (the reference kept only GPU 0's replica, i.e. the first
+    chunk's; averaging is the less noisy choice and equal in expectation).
+    G = 0 uses the whole batch: under `jit` over a device mesh that is the *global* batch, so the
+    result does not depend on the number of devices.
+
+  Variables: params `scale` (and `bias` unless `use_bias=False`), batch_stats `mean`, `var`.
+  """
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  scale_init: Callable = nn.initializers.ones
+  group_size: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    scale = self.param('scale', self.scale_init, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32) if self.use_bias else None
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    x32 = x.astype(jnp.float32)
+
+    if self.use_running_average:
+      y = (x32 - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon))
+      if bias is not None:
+        y = y + bias
+      return y.astype(self.dtype)
+
+    b = x.shape[0]
+    g = self.group_size
+    if g and g < b:
+      if b % g:
+        raise ValueError(f'BatchNorm: batch size {b} is not a multiple of norm_group_size {g}')
+      xg = x32.reshape((b // g, g) + x.shape[1:])
+    else:
+      xg = x32[None]
+    axes = tuple(range(1, xg.ndim - 1))
+    n = math.prod(xg.shape[1:-1])
+    if n < 2:
+      raise ValueError('BatchNorm: expected more than 1 value per channel in training mode '
+                       f'(input shape {x.shape}, norm_group_size {g})')
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)  # biased, used to normalise
+    y = (xg - mean) * (scale * jax.lax.rsqrt(var + self.epsilon))
+    if bias is not None:
+      y = y + bias
+    y = y.reshape(x.shape)
+
+    if not self.is_initializing():
+      group_mean = mean.reshape(-1, c).mean(axis=0)
+      group_var = var.reshape(-1, c).mean(axis=0) * (n / (n - 1))  # unbiased, as PyTorch
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1.0 - m) * group_mean
+      ra_var.value = m * ra_var.value + (1.0 - m) * group_var
+    return y.astype(self.dtype)
+
+
+class InstanceNorm(nn.Module):
+  """`nn.InstanceNorm2d(affine=True)`: per-image, per-channel statistics, also at eval time."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(1, x.ndim - 1))
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class IBN(nn.Module):
+  """IBN-a: first `planes // 2` channels InstanceNorm (`IN`), the rest BatchNorm (`BN`)."""
+  planes: int
+  use_running_average: bool = False
+  dtype: Dtype = jnp.float32
+  group_size: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    half = self.planes // 2
+    a = InstanceNorm(dtype=self.dtype, name='IN')(x[..., :half])
+    b = BatchNorm(use_running_average=self.use_running_average, dtype=self.dtype,
+                  group_size=self.group_size, name='BN')(x[..., half:])
+    return jnp.concatenate([a, b], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual blocks
+
+
+def _conv(features, kernel, stride, pad, dtype, init, name):
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=init, name=name)
+
+
+class ResidualBlock(nn.Module):
+  """torchvision BasicBlock / Bottleneck (v1.5: stride on the 3x3 conv), optional IBN-a bn1."""
+  planes: int
+  block: str = 'bottleneck'
+  stride: int = 1
+  ibn: bool = False
+  dtype: Dtype = jnp.float32
+  norm_group_size: int = 0
+  kernel_init: Callable = conv_init_fan_out
+  bn_scale_init: Callable = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    exp = _EXPANSION[self.block]
+    out_ch = self.planes * exp
+
+    def bn(name):
+      return BatchNorm(use_running_average=not train, dtype=self.dtype, name=name,
+                       group_size=self.norm_group_size, scale_init=self.bn_scale_init)
+
+    def conv(features, kernel, stride, pad, name):
+      return _conv(features, kernel, stride, pad, self.dtype, self.kernel_init, name)
+
+    if self.ibn:
+      norm1 = IBN(self.planes, use_running_average=not train, dtype=self.dtype,
+                  group_size=self.norm_group_size, name='bn1')
+    else:
+      norm1 = bn('bn1')
+
+    if self.block == 'bottleneck':
+      y = nn.relu(norm1(conv(self.planes, 1, 1, 0, 'conv1')(x)))
+      y = nn.relu(bn('bn2')(conv(self.planes, 3, self.stride, 1, 'conv2')(y)))
+      y = bn('bn3')(conv(out_ch, 1, 1, 0, 'conv3')(y))
+    else:
+      y = nn.relu(norm1(conv(self.planes, 3, self.stride, 1, 'conv1')(x)))
+      y = bn('bn2')(conv(self.planes, 3, 1, 1, 'conv2')(y))
+
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != out_ch:
+      shortcut = bn('downsample_bn')(conv(out_ch, 1, self.stride, 0, 'downsample_conv')(x))
+    return nn.relu(y + shortcut)
+
+
+class ResNetTrunk(nn.Module):
+  """A contiguous piece of a ResNet: any of stem (0) and layer1..4 (1..4), plus optionally
+  ABMT's extra identity-shortcut bottleneck (C -> C/4 -> C/4 -> C) at the end."""
+  depth: int = 50
+  width: int = 64
+  ibn: bool = False
+  stem_relu: bool = False
+  last_stride: int = 1
+  dtype: Dtype = jnp.float32
+  norm_group_size: int = 0
+  stages: Sequence[int] = (0, 1, 2, 3, 4)
+  extra_bottleneck: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    if self.depth not in RESNET_SPECS:
+      raise ValueError(f'unsupported ResNet depth {self.depth}; choose from {sorted(RESNET_SPECS)}')
+    block, counts = RESNET_SPECS[self.depth]
+    x = x.astype(self.dtype)
+    if 0 in self.stages:
+      x = _conv(self.width, 7, 2, 3, self.dtype, conv_init_fan_out, 'conv1')(x)
+      x = BatchNorm(use_running_average=not train, dtype=self.dtype,
+                    group_size=self.norm_group_size, name='bn1')(x)
+      if self.stem_relu:
+        x = nn.relu(x)
+      # -inf padding (Flax pools pad with the reduction's init value), as nn.MaxPool2d(3, 2, 1).
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for s in self.stages:
+      if s == 0:
+        continue
+      planes = self.width * 2 ** (s - 1)
+      stride = {1: 1, 2: 2, 3: 2, 4: self.last_stride}[s]
+      for i in range(counts[s - 1]):
+        x = ResidualBlock(planes, block, stride if i == 0 else 1, ibn=self.ibn and s < 4,
+                          dtype=self.dtype, norm_group_size=self.norm_group_size,
+                          name=f'layer{s}_{i}')(x, train)
+    if self.extra_bottleneck:
+      x = _extra_block(x.shape[-1], self.dtype, self.norm_group_size, 'extra')(x, train)
+    return x
+
+
+def _extra_block(channels, dtype, norm_group_size, name=None):
+  """ABMT's extra bottleneck (torchvision `Bottleneck(2048, 512)` at width 64): identity shortcut,
+  convs Kaiming-normal fan_in, BN scales ~ N(1, 0.02), biases 0 (method.md section 1)."""
+  return ResidualBlock(channels // 4, 'bottleneck', 1, dtype=dtype,
+                       norm_group_size=norm_group_size, kernel_init=conv_init_fan_in,
+                       bn_scale_init=bn_scale_init_abmt, name=name)
+
+
+def global_pool(x: Array, pooling: str) -> Array:
+  """(B, H, W, C) -> (B, C) float32."""
+  x = x.astype(jnp.float32)
+  if pooling == 'avg':
+    return jnp.mean(x, axis=(1, 2))
+  if pooling == 'max':
+    return jnp.max(x, axis=(1, 2))
+  if pooling == 'gem':
+    return jnp.mean(jnp.maximum(x, 1e-6) ** GEM_P, axis=(1, 2)) ** (1.0 / GEM_P)
+  raise ValueError(f'pooling must be one of {POOLINGS}, got {pooling!r}')
+
+
+def _neck(name, train, group_size):
+  return BatchNorm(use_running_average=not train, use_bias=False, dtype=jnp.float32,
+                   group_size=group_size, name=name)
+
+
+def _classifier(name, num_classes):
+  return nn.Dense(num_classes, use_bias=False, kernel_init=classifier_init, dtype=jnp.float32,
+                  param_dtype=jnp.float32, name=name)
+
+
+def _check_fields(m):
+  if m.depth not in RESNET_SPECS:
+    raise ValueError(f'unsupported ResNet depth {m.depth}; choose from {sorted(RESNET_SPECS)}')
+  if m.pooling not in POOLINGS:
+    raise ValueError(f'pooling must be one of {POOLINGS}, got {m.pooling!r}')
+  if m.num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {m.num_classes}')
+
+
+class ReIDNet(nn.Module):
+  """Backbone + re-ID head (method.md section 1).
+
+  train=True  -> {'features': f (B, D) pre-BN float32, 'logits': z (B, num_classes) float32}
+                 (apply with `mutable=['batch_stats']`, rng 'dropout' if dropout > 0)
+  train=False -> (B, D) float32 L2-normalised post-BN feature.
+  `num_classes` is a fixed maximum width; inactive rows are masked by the losses (`class_mask`).
+  """
+  depth: int = 50
+  width: int = 64
+  ibn: bool = False
+  stem_relu: bool | None = None   # None -> False for plain ResNet (MMT), True for IBN-a
+  last_stride: int = 1
+  pooling: str = 'avg'
+  num_classes: int = 1024
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  norm_group_size: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False):
+    _check_fields(self)
+    stem_relu = self.ibn if self.stem_relu is None else self.stem_relu
+    fmap = ResNetTrunk(self.depth, self.width, self.ibn, stem_relu, self.last_stride,
+                       _to_dtype(self.dtype), self.norm_group_size, name='backbone')(x, train)
+    f = global_pool(fmap, self.pooling)
+    bn_f = _neck('neck', train, self.norm_group_size)(f)
+    if not train and not self.is_initializing():
+      return l2_normalize(bn_f)
+    h = nn.Dropout(self.dropout, deterministic=not train)(bn_f) if self.dropout > 0 else bn_f
+    z = _classifier('classifier', self.num_classes)(h)
+    if not train:  # initialisation in eval mode: the classifier params exist, output is eval's
+      return l2_normalize(bn_f)
+    return {'features': f, 'logits': z}
+
+
+class ABMTNet(nn.Module):
+  """ABMT asymmetric-branch network (method.md section 1); same fields as ReIDNet.
+
+  Shared trunk stem..layer3 (`backbone`); branch avg = `avg_branch` (layer4) -> average pooling ->
+  `avg_neck` -> `avg_classifier`; branch max = `max_branch` (separate layer4 copy + `extra`
+  bottleneck) -> max pooling -> `max_neck` -> `max_classifier`. `pooling` is ignored (fixed
+  avg / max per branch).
+  train=True  -> {'avg/features', 'avg/logits', 'max/features', 'max/logits'} (float32)
+  train=False -> (B, 2D) concat of the post-BN features [avg, max], jointly L2-normalised.
+  """
+  depth: int = 50
+  width: int = 64
+  ibn: bool = False
+  stem_relu: bool | None = None
+  last_stride: int = 1
+  pooling: str = 'avg'
+  num_classes: int = 1024
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  norm_group_size: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False):
+    _check_fields(self)
+    stem_relu = self.ibn if self.stem_relu is None else self.stem_relu
+    dtype = _to_dtype(self.dtype)
+    kw = dict(depth=self.depth, width=self.width, ibn=self.ibn, stem_relu=stem_relu,
+              last_stride=self.last_stride, dtype=dtype, norm_group_size=self.norm_group_size)
+    t = ResNetTrunk(**kw, stages=(0, 1, 2, 3), name='backbone')(x, train)
+    fa = global_pool(ResNetTrunk(**kw, stages=(4,), name='avg_branch')(t, train), 'avg')
+    fm = global_pool(ResNetTrunk(**kw, stages=(4,), extra_bottleneck=True,
+                                 name='max_branch')(t, train), 'max')
+    bn_a = _neck('avg_neck', train, self.norm_group_size)(fa)
+    bn_m = _neck('max_neck', train, self.norm_group_size)(fm)
+    if not train and not self.is_initializing():
+      return l2_normalize(jnp.concatenate([bn_a, bn_m], axis=-1))
+    if self.dropout > 0:
+      ha = nn.Dropout(self.dropout, deterministic=not train)(bn_a)
+      hm = nn.Dropout(self.dropout, deterministic=not train)(bn_m)
+    else:
+      ha, hm = bn_a, bn_m
+    za = _classifier('avg_classifier', self.num_classes)(ha)
+    zm = _classifier('max_classifier', self.num_classes)(hm)
+    if not train:
+      return l2_normalize(jnp.concatenate([bn_a, bn_m], axis=-1))
+    return {'avg/features': fa, 'avg/logits': za, 'max/features': fm, 'max/logits': zm}
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+MODEL_FIELDS = ('depth', 'width', 'ibn', 'stem_relu', 'last_stride', 'pooling', 'num_classes',
+                'dropout', 'dtype', 'norm_group_size')
+# Keys a model config may carry that are not model fields (used by other modules).
+_NON_MODEL_KEYS = ('arch', 'pretrained', 'pretrained_path', 'weights', 'init_checkpoint')
+
+
+def create_model(config=None, **kwargs) -> nn.Module:
+  """ReIDNet or ABMTNet from a ConfigDict / dict (e.g. `config.model`) and/or keyword arguments.
+
+  `arch`: 'resnet' (default) | 'abmt'; the other keys are the model fields (MODEL_FIELDS);
+  `dtype` may be a string ('float32' | 'bfloat16'). Keys `pretrained`, `pretrained_path`,
+  `weights`, `init_checkpoint` are ignored (weights are loaded elsewhere); any other unknown key is
+  an error (catches config typos).
+  """
+  cfg = {}
+  if config is not None:
+    cfg.update(config.to_dict() if hasattr(config, 'to_dict') else dict(config))
+  cfg.update(kwargs)
+  arch = cfg.pop('arch', 'resnet')
+  unknown = sorted(k for k in cfg if k not in MODEL_FIELDS and k not in _NON_MODEL_KEYS)
+  if unknown:
+    raise ValueError(f'create_model: unknown model keys {unknown}; expected {MODEL_FIELDS}')
+  fields = {k: v for k, v in cfg.items() if k in MODEL_FIELDS}
+  if 'dtype' in fields:
+    fields['dtype'] = _to_dtype(fields['dtype'])
+  if arch == 'resnet':
+    return ReIDNet(**fields)
+  if arch == 'abmt':
+    return ABMTNet(**fields)
+  raise ValueError(f"create_model: arch must be 'resnet' or 'abmt', got {arch!r}")
+
+
+def feature_dim(model) -> int:
+  """Channels of the final feature map (D): 8 * width * expansion (2048 for ResNet-50)."""
+  block, _ = RESNET_SPECS[model.depth]
+  return 8 * model.width * _EXPANSION[block]
+
+
+def embedding_dim(model) -> int:
+  """Dimension of the eval output: D for ReIDNet, 2D for ABMTNet (= centroid dimension)."""
+  d = feature_dim(model)
+  return 2 * d if isinstance(model, ABMTNet) else d
+
+
+def class_mask(num_active, num_classes: int) -> Array:
+  """bool (num_classes,): True for the first `num_active` classifier rows (traceable)."""
+  return jnp.arange(num_classes) < num_active
+
+
+def _set_rows(kernel: Array, rows: Array) -> Array:
+  k = rows.shape[0]
+  if k > kernel.shape[1]:
+    raise ValueError(f'{k} centroids but the classifier has only {kernel.shape[1]} rows '
+                     '(raise num_classes)')
+  if rows.shape[1] != kernel.shape[0]:
+    raise ValueError(f'centroid dim {rows.shape[1]} != classifier input dim {kernel.shape[0]}')
+  new = jnp.zeros_like(kernel)
+  return new.at[:, :k].set(l2_normalize(rows.astype(jnp.float32)).T.astype(kernel.dtype))
+
+
+def set_classifier_rows(params, centroids) -> Any:
+  """Classifier rows 0..K-1 := L2-normalised centroids (K, D_eval), the other rows 0.
+
+  method.md section 3, step 3 (MMT) and ABMT's dynamic classifiers: for ABMTNet the centroid's
+  first half (avg-branch feature) is normalised into `avg_classifier`, the second half into
+  `max_classifier`. Accepts the `'params'` collection or a full variables dict containing it and
+  returns the same structure (new dicts, inputs untouched); works under jit.
+  """
+  if 'params' in params and not any(k in params for k in ('classifier', 'avg_classifier')):
+    return {**params, 'params': set_classifier_rows(params['params'], centroids)}
+  centroids = jnp.asarray(centroids)
+  out = dict(params)
+  if 'classifier' in params:
+    out['classifier'] = {**params['classifier'],
+                         'kernel': _set_rows(params['classifier']['kernel'], centroids)}
+  elif 'avg_classifier' in params and 'max_classifier' in params:
+    d = params['avg_classifier']['kernel'].shape[0]
+    if centroids.shape[1] != 2 * d:
+      raise ValueError(f'ABMT centroids must have 2D = {2 * d} columns, got {centroids.shape[1]}')
+    for name, part in (('avg_classifier', centroids[:, :d]), ('max_classifier', centroids[:, d:])):
+      out[name] = {**params[name], 'kernel': _set_rows(params[name]['kernel'], part)}
+  else:
+    raise ValueError('set_classifier_rows: no classifier / avg_classifier in params')
+  return out
+
+
+def init_variables(model, seed: int = 0, example=None, paths=None) -> dict:
+  """Fresh variables with the same *distributions* as `model.init` (not the same numbers), drawn
+  with numpy: conv kernels Kaiming-normal fan_out (ABMT's `extra` block: fan_in), BN scales 1
+  (`extra`: N(1, 0.02)), biases / running means 0, running vars 1, classifiers N(0, 0.001).
+  Milliseconds instead of `model.init`'s compilation of threefry sampling for every parameter,
+  which takes tens of seconds on a CPU (also for tiny models). Every leaf has its own stream
+  (seed, path), so `paths` (an iterable of flattened path tuples) can select a subset cheaply and
+  gets the same values as the full call. `example`: an input (array or ShapeDtypeStruct) for
+  modules other than ReIDNet / ABMTNet."""
+  from flax import traverse_util
+  if example is None:
+    abstract = abstract_variables(model, 64, 64)
+  else:
+    x = jax.ShapeDtypeStruct(example.shape, example.dtype)
+    abstract = jax.eval_shape(lambda k, x: model.init(k, x), jax.random.key(0), x)
+  flat = traverse_util.flatten_dict(abstract)
+  if paths is not None:
+    flat = {p: flat[p] for p in paths}
+  out = {}
+  for path, spec in flat.items():
+    collection, top, leaf = path[0], path[1], path[-1]
+    rng = np.random.default_rng([seed] + list('/'.join(path).encode()))
+    shape = tuple(spec.shape)
+    extra = 'extra' in path and 'IN' not in path
+    if collection == 'batch_stats':
+      value = np.ones(shape) if leaf == 'var' else np.zeros(shape)
+    elif leaf == 'kernel' and top.endswith('classifier'):
+      value = rng.normal(0.0, 0.001, shape)
+    elif leaf == 'kernel':
+      kh, kw, cin, cout = shape
+      fan = kh * kw * (cin if extra else cout)
+      value = rng.normal(0.0, math.sqrt(2.0 / fan), shape)
+    elif leaf == 'scale':
+      value = 1.0 + 0.02 * rng.normal(size=shape) if extra else np.ones(shape)
+    else:
+      value = np.zeros(shape)
+    out[path] = value.astype(np.float32)
+  return traverse_util.unflatten_dict(out)
+
+
+def count_params(params) -> int:
+  """Number of scalars in a pytree (arrays or ShapeDtypeStructs)."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def abstract_variables(model, height: int = 256, width: int = 128, batch: int = 1):
+  """Variable shapes without computing anything (`jax.eval_shape` of init)."""
+  x = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+  return jax.eval_shape(lambda k, x: model.init(k, x), jax.random.key(0), x)
+
+
+def _jaxpr_macs(jaxpr) -> int:
+  """Multiply-adds of convolutions and matmuls in a (closed) jaxpr, recursing into sub-jaxprs."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval.shape
+      rhs_spec = eqn.params['dimension_numbers'].rhs_spec
+      per_out = rhs[rhs_spec[1]] * math.prod(rhs[d] for d in rhs_spec[2:])
+      total += math.prod(eqn.outvars[0].aval.shape) * per_out
+    elif name == 'dot_general':
+      (lhs_contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        if hasattr(sub, 'eqns') or hasattr(getattr(sub, 'jaxpr', None), 'eqns'):
+          total += _jaxpr_macs(sub)
+  return total
+
+
+def flops_per_image(model, height: int = 256, width: int = 128, train: bool = False,
+                    method: str = 'analytic') -> float:
+  """Forward FLOPs per image (batch 1; train mode uses batch 2 and halves). Shapes only: nothing
+  is computed or compiled.
+
+  method='analytic' (default, the convention of published GFLOP numbers): 2 x the multiply-adds of
+  every convolution and matmul in the traced program (`jax.make_jaxpr`), padding positions
+  included; normalisation, activations and pooling are not counted (< 1 %).
+  method='xla': XLA's HLO cost analysis of the lowered, un-optimised program
+  (`jax.jit(apply).lower(...).cost_analysis()['flops']`); it counts elementwise ops too but skips
+  multiply-adds on padding, so it comes out a few % lower for ResNets.
+  """
+  variables = abstract_variables(model, height, width)
+  batch = 2 if train else 1  # training-mode BN needs more than one value per channel at the neck
+  x = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+  if train:
+    def fn(v, x):
+      return model.apply(v, x, train=True, mutable=['batch_stats'],
+                         rngs={'dropout': jax.random.key(0)})
+  else:
+    def fn(v, x):
+      return model.apply(v, x, train=False)
+  if method == 'analytic':
+    flops = 2.0 * _jaxpr_macs(jax.make_jaxpr(fn)(variables, x))
+  elif method == 'xla':
+    flops = float(jax.jit(fn).lower(variables, x).cost_analysis()['flops'])
+  else:
+    raise ValueError(f"method must be 'analytic' or 'xla', got {method!r}")
+  return flops / batch
+
+
+REPORT_MODELS = (
+    ('ResNet-18', dict(arch='resnet', depth=18)),
+    ('ResNet-34', dict(arch='resnet', depth=34)),
+    ('ResNet-50', dict(arch='resnet', depth=50)),
+    ('ResNet-101', dict(arch='resnet', depth=101)),
+    ('IBN-ResNet-50-a', dict(arch='resnet', depth=50, ibn=True)),
+    ('ABMT-ResNet-50', dict(arch='abmt', depth=50)),
+)
+
+
+def model_report(height: int = 256, width: int = 128, models=REPORT_MODELS,
+                 num_classes: int = 1024) -> str:
+  """Printable table: parameters (without / with a `num_classes`-wide classifier), eval-output
+  dim, final map size and forward GFLOPs per image (`flops_per_image`: analytic 2 x MACs, and
+  XLA's cost analysis)."""
+  lines = [f'Models at {height}x{width} (last stride 1), num_classes={num_classes}',
+           f'{"model":<18}{"params (M)":>12}{"+classifier":>13}{"emb dim":>9}{"map":>8}'
+           f'{"GFLOPs fwd":>12}{"(XLA)":>9}']
+  for name, kw in models:
+    model = create_model(num_classes=num_classes, **kw)
+    v = abstract_variables(model, height, width)
+    total = count_params(v['params'])
+    cls = sum(count_params(v['params'][k]) for k in v['params'] if k.endswith('classifier'))
+    fmap_h = -(-height // 16)
+    fmap_w = -(-width // 16)
+    gflops = flops_per_image(model, height, width) / 1e9
+    xla = flops_per_image(model, height, width, method='xla') / 1e9
+    lines.append(f'{name:<18}{(total - cls) / 1e6:>12.2f}{total / 1e6:>13.2f}'
+                 f'{embedding_dim(model):>9}{f"{fmap_h}x{fmap_w}":>8}{gflops:>12.2f}{xla:>9.2f}')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  print(model_report())
