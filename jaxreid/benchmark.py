@@ -1,0 +1,225 @@
+"""`python -m jaxreid.benchmark`: measured speed of every method, for comparing accelerators.
+
+For each method (pre-training, mean-teacher baseline, MMT, ABMT) and compute dtype it measures,
+on whatever devices are present:
+  - compile time of the training step (reported separately) and warm step time / images per
+    second (the step driver the trainer uses, state donated, timed over `--steps` steps);
+  - eval feature extraction images per second;
+  - clustering time at the data set's size (K-means for MMT and the baselines, Jaccard + DBSCAN
+    for ABMT) on random unit features with identity structure;
+  - peak device memory (GPU / TPU memory stats; process max RSS on CPU);
+  - model FLOPs utilisation against the device's peak where known.
+It prints one table, writes JSON (`--json`), and projects the end-to-end time of the papers'
+schedule (40 epochs x 400 iterations, clustering and evaluation every epoch) from the parts.
+
+Defaults are CPU-sized (ResNet-18 width 16, 64x32, batch 32); the papers' setting is
+`--depth=50 --width=64 --height=256 --img_width=128 --batch=64`.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_list('methods', ['pretrain', 'mean_teacher', 'mmt', 'abmt'], 'Methods to measure.')
+flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to measure.')
+flags.DEFINE_integer('depth', 18, 'ResNet depth.')
+flags.DEFINE_integer('width', 16, 'ResNet base width (64 = standard).')
+flags.DEFINE_integer('height', 64, 'Input height.')
+flags.DEFINE_integer('img_width', 32, 'Input width.')
+flags.DEFINE_integer('batch', 32, 'Global batch size.')
+flags.DEFINE_integer('steps', 10, 'Timed steps per measurement (after one warm-up call).')
+flags.DEFINE_integer('num_classes', 512, 'Classifier width.')
+flags.DEFINE_integer('train_images', 1024, 'Target training-set size for clustering and '
+                     'feature extraction (Market-1501: 12936).')
+flags.DEFINE_integer('test_images', 512, 'Query + gallery size for the projected evaluation '
+                     '(Market-1501: 19281).')
+flags.DEFINE_integer('num_clusters', 64, 'K-means clusters (MMT-500 on Market).')
+flags.DEFINE_integer('epochs', 40, 'Projected schedule: epochs.')
+flags.DEFINE_integer('iters', 400, 'Projected schedule: iterations per epoch.')
+flags.DEFINE_string('json', '', 'Write the results to this JSON file.')
+flags.DEFINE_bool('scan', None, 'Use lax.scan for the step loop (default: not on CPU).')
+FLAGS = flags.FLAGS
+
+# Dense peak TFLOP/s by device kind (vendor figures); used for MFU where known.
+PEAK_TFLOPS = {
+    'H100': {'float32': 67.0, 'bfloat16': 989.0},
+    'H200': {'float32': 67.0, 'bfloat16': 989.0},
+    'A100': {'float32': 19.5, 'bfloat16': 312.0},
+    'TPU v4': {'float32': 275.0, 'bfloat16': 275.0},
+    'TPU v5': {'float32': 197.0, 'bfloat16': 197.0},
+}
+
+
+def peak_tflops(device_kind: str, dtype: str):
+  for key, peaks in PEAK_TFLOPS.items():
+    if key.lower() in device_kind.lower():
+      return peaks[dtype]
+  return None
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device peak'
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process max RSS'
+
+
+def structured_features(n: int, dim: int, ids: int, seed: int = 0):
+  """Unit features around `ids` random centres (noisy clusters), like a re-ID feature set."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(ids, dim)).astype(np.float32)
+  x = centres[rng.integers(0, ids, n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def measure_method(method: str, dtype: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxreid import features as features_lib
+  from jaxreid import models, objectives, run
+  from jaxreid import train as train_lib
+
+  spec = train_lib.METHODS[method]
+  arch = 'abmt' if method == 'abmt' else 'resnet'
+  model = models.create_model(dict(arch=arch, depth=FLAGS.depth, width=FLAGS.width,
+                                   num_classes=FLAGS.num_classes, dtype=dtype))
+  mesh = train_lib.make_mesh()
+  tx = train_lib.make_optimizer(3.5e-4)
+  students = [models.init_variables(model, s) for s in range(spec.num_students)]
+  state = train_lib.replicate(train_lib.create_train_state(spec, students, tx,
+                                                           jax.random.PRNGKey(0)), mesh)
+  h, w, b = FLAGS.height, FLAGS.img_width, FLAGS.batch
+  n = max(4 * b, 256)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+  labels = (np.arange(n) // 4 % FLAGS.num_classes).astype(np.int32)
+  data = train_lib.replicate(train_lib.EpochData(
+      images=images, labels=labels, class_mask=models.class_mask(n // 4, FLAGS.num_classes),
+      target_images=images), mesh)
+  terms = (run.pretrain_terms(arch) if method == 'pretrain'
+           else objectives.build_objective(method))
+  step_fn = train_lib.make_train_step(model, spec, terms, tx, target_bn_pass=method == 'pretrain',
+                                      erasing_prob=0.0 if method == 'pretrain' else 0.5, mesh=mesh)
+  chunk = train_lib.make_train_chunk(step_fn, mesh, use_scan=FLAGS.scan)
+  idx = np.stack([rng.permutation(n)[:b] for _ in range(FLAGS.steps)]).astype(np.int32)
+  t0 = time.perf_counter()
+  state, m = chunk(state, data, idx[:1], idx[:1])
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  if FLAGS.scan or (FLAGS.scan is None and jax.default_backend() != 'cpu'):
+    state, m = chunk(state, data, idx, idx)  # the scanned program has its own length
+    jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  state, m = chunk(state, data, idx, idx)
+  jax.block_until_ready(m)
+  step_s = (time.perf_counter() - t0) / FLAGS.steps
+
+  # Eval feature extraction (teachers' / student's eval forward), fixed batch shape.
+  embed = features_lib.make_embed_fn(model, mesh)
+  eval_images = rng.integers(0, 256, (max(FLAGS.batch * 8, 512), h, w, 3), dtype=np.uint8)
+  variables = [state.variables('net1')]
+  features_lib.extract_features(embed, variables, eval_images[:256], 256)  # compile
+  t0 = time.perf_counter()
+  feats = features_lib.extract_features(embed, variables, eval_images, 256)
+  extract_ips = len(eval_images) / (time.perf_counter() - t0)
+
+  # FLOPs per step: 3 x forward for each student (forward + backward), 1 x forward for each
+  # teacher and for pre-training's target BN pass.
+  fwd = models.flops_per_image(model, h, w, train=True)
+  forwards = 3 * spec.num_students + (spec.num_students if spec.ema else 0)
+  forwards += 1 if method == 'pretrain' else 0
+  step_flops = fwd * forwards * b
+  peak = peak_tflops(jax.devices()[0].device_kind, dtype)
+  achieved = step_flops / step_s / 1e12
+  mem, mem_kind = peak_memory_bytes()
+  return dict(method=method, dtype=dtype, compile_s=compile_s, step_ms=step_s * 1e3,
+              train_img_s=b / step_s, extract_img_s=extract_ips, tflops=achieved,
+              mfu=(achieved / peak) if peak else None, peak_memory_gb=mem / 2**30,
+              memory_kind=mem_kind, feature_dim=int(feats.shape[1]))
+
+
+def measure_clustering(method: str, dim: int) -> float:
+  from jaxreid import clustering, retrieval
+  feats = structured_features(FLAGS.train_images, dim, max(FLAGS.train_images // 15, 2))
+  t0 = time.perf_counter()
+  if method == 'abmt':
+    graph = retrieval.jaccard_distance(feats, k1=20, k2=6)
+    eps = clustering.estimate_eps(graph, 2e-3)
+    clustering.dbscan(graph, eps, min_samples=4)
+  elif method != 'pretrain':
+    clustering.kmeans(feats, FLAGS.num_clusters, seed=0)
+  return time.perf_counter() - t0
+
+
+def main(argv):
+  del argv
+  import jax
+  device = jax.devices()[0]
+  print(f'devices: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}); '
+        f'ResNet-{FLAGS.depth} width {FLAGS.width}, {FLAGS.height}x{FLAGS.img_width}, '
+        f'batch {FLAGS.batch}', flush=True)
+  rows = []
+  for method in FLAGS.methods:
+    cluster_s = None
+    for dtype in FLAGS.dtypes:
+      r = measure_method(method, dtype)
+      if cluster_s is None:
+        cluster_s = measure_clustering(method, r['feature_dim'])
+      r['cluster_s'] = cluster_s
+      # Projection for the papers' schedule from measured parts.
+      n_teachers = 2 if method == 'mmt' else 1
+      extract_s = (FLAGS.train_images * n_teachers + FLAGS.test_images * n_teachers) / \
+          r['extract_img_s']
+      if method == 'pretrain':
+        r['projected_min'] = 80 * 100 * r['step_ms'] / 1e3 / 60
+      else:
+        r['projected_min'] = (FLAGS.epochs * FLAGS.iters * r['step_ms'] / 1e3
+                              + FLAGS.epochs * (cluster_s + extract_s)) / 60
+      rows.append(r)
+      print(format_row(r), flush=True)
+  print()
+  print(format_table(rows))
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump({'device': device.device_kind, 'backend': jax.default_backend(),
+                 'num_devices': jax.device_count(), 'jax': jax.__version__,
+                 'flags': {k: FLAGS[k].value for k in ('depth', 'width', 'height', 'img_width',
+                                                       'batch', 'steps', 'train_images',
+                                                       'test_images', 'num_clusters')},
+                 'rows': rows}, f, indent=2)
+    print(f'wrote {FLAGS.json}')
+
+
+def format_row(r: dict) -> str:
+  mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
+  return (f"{r['method']:13s} {r['dtype']:9s} compile {r['compile_s']:6.1f}s  step "
+          f"{r['step_ms']:8.1f} ms  train {r['train_img_s']:8.1f} img/s  extract "
+          f"{r['extract_img_s']:8.1f} img/s  cluster {r['cluster_s']:6.2f}s  "
+          f"{r['tflops']:6.2f} TFLOP/s (MFU {mfu})  mem {r['peak_memory_gb']:.2f} GB  "
+          f"projected {r['projected_min']:.1f} min")
+
+
+def format_table(rows) -> str:
+  head = ('| method | dtype | compile s | step ms | train img/s | extract img/s | cluster s | '
+          'TFLOP/s | MFU | peak mem GB | projected full run (min) |')
+  lines = [head, '|' + '---|' * 11]
+  for r in rows:
+    mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
+    lines.append(f"| {r['method']} | {r['dtype']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
+                 f"{r['train_img_s']:.1f} | {r['extract_img_s']:.1f} | {r['cluster_s']:.2f} | "
+                 f"{r['tflops']:.3f} | {mfu} | {r['peak_memory_gb']:.2f} ({r['memory_kind']}) | "
+                 f"{r['projected_min']:.1f} |")
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,52 @@
+"""`python -m jaxreid.main --config=configs/mmt.py [--config.train.epochs=10] [--workdir=DIR]`.
+
+Runs the experiment a config describes (source pre-training and/or adaptation) and prints the
+results table. Rerunning the same command with the same work dir resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py[:task]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and plots go '
+                    '(default: workdirs/<method>_<source>_to_<target>).')
+flags.DEFINE_string('compilation_cache', os.path.expanduser('~/.cache/jaxreid/xla'),
+                    'Persistent XLA compilation cache directory ("" disables it).')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress is ours
+  import jax
+  if FLAGS.compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  from jaxreid import run  # imported after flags so --help stays fast
+  config = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join(
+      'workdirs', f'{config.method}_{run.domain_name(config, "source")}_to_'
+      f'{run.domain_name(config, "target")}')
+  try:
+    run.train_and_evaluate(config, workdir)
+  except (ValueError, FileNotFoundError, run.NonFiniteLossError) as e:
+    from jaxreid.data import DataError
+    if isinstance(e, (DataError, FileNotFoundError, run.NonFiniteLossError)) or \
+        str(e).startswith('config.'):
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+    raise
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

@@ -1,0 +1,309 @@
+"""Train states, the optimizer and the jitted training epochs of every method.
+
+A method is data (`MethodSpec`): how many student networks, whether they have EMA teachers and
+which augmented view each network sees. The loss is data too (`jaxreid.objectives`). One step
+function serves all methods; `lax.scan` runs a chunk of steps on the device with no host round
+trip; the host only builds the epoch's `(iters, batch)` index array and the label array between
+epochs (method.md section 3).
+
+Data parallelism: `jit` over a 1-D mesh `('data',)`, batches sharded, everything else replicated.
+BatchNorm statistics are taken over the global batch (or fixed groups of images with
+`model.norm_group_size`), so results do not depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxreid import input_pipeline
+from jaxreid import objectives
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """Which networks a method trains and which augmented view each one sees.
+
+  `student_views[i]` / `teacher_views[i]` index the independently augmented views of the batch.
+  MMT: net i and its teacher see view i; the soft losses pair student i with teacher j != i, so
+  the two sides of every soft term saw different augmentations. ABMT: one view for everything.
+  """
+  num_students: int
+  ema: bool
+  student_views: tuple[int, ...]
+  teacher_views: tuple[int, ...] = ()
+
+  @property
+  def num_views(self) -> int:
+    return max(self.student_views + self.teacher_views) + 1
+
+
+METHODS: dict[str, MethodSpec] = {
+    'pretrain': MethodSpec(1, False, (0,)),
+    'cluster_baseline': MethodSpec(1, False, (0,)),
+    # Mean-teacher baseline: MMT with one network supervised by its own EMA teacher. The teacher
+    # sees a second view, as the teachers of MMT do (method.md is silent on the baseline's views).
+    'mean_teacher': MethodSpec(1, True, (0,), (1,)),
+    'mmt': MethodSpec(2, True, (0, 1), (0, 1)),
+    'abmt': MethodSpec(1, True, (0,), (0,)),
+}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree (checkpointed whole).
+
+  `params` / `batch_stats` map network names ('net1', 'net2') to that student's variables;
+  `teacher_params` / `teacher_batch_stats` hold the EMA teachers (empty dicts without EMA).
+  Teachers have their own BN statistics, updated by their own train-mode forwards; only
+  parameters are averaged (method.md section 3).
+  """
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  teacher_params: dict
+  teacher_batch_stats: dict
+  opt_state: Any
+  rng: jax.Array
+
+  def variables(self, name: str, teacher: bool = False) -> dict:
+    if teacher:
+      return {'params': self.teacher_params[name], 'batch_stats': self.teacher_batch_stats[name]}
+    return {'params': self.params[name], 'batch_stats': self.batch_stats[name]}
+
+
+def net_names(spec: MethodSpec) -> tuple[str, ...]:
+  return tuple(f'net{i + 1}' for i in range(spec.num_students))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def make_optimizer(learning_rate, *, weight_decay: float = 5e-4, b1: float = 0.9,
+                   b2: float = 0.999, eps: float = 1e-8,
+                   frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+  """Adam with *coupled* L2 weight decay, as `torch.optim.Adam(weight_decay=...)` does.
+
+  The decay term `wd * theta` is added to the gradient before the Adam moments (not AdamW's
+  decoupled decay). Parameters whose '/'-joined path matches a regex in `frozen` get no update.
+  """
+  tx = optax.chain(optax.add_decayed_weights(weight_decay),
+                   optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                   optax.scale_by_learning_rate(learning_rate))
+  if not frozen:
+    return tx
+  patterns = [re.compile(p) for p in frozen]
+
+  def label_fn(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'frozen' if any(p.search(_path_str(path)) for p in patterns) else 'train',
+        params)
+
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, label_fn)
+
+
+def _path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def warmup_multistep_schedule(base_lr: float, iters_per_epoch: int, *, warmup_epochs: int = 10,
+                              warmup_factor: float = 0.01, milestones: Sequence[int] = (40, 70),
+                              gamma: float = 0.1) -> Callable:
+  """The reference's WarmupMultiStepLR, stepped once per epoch (method.md section 3).
+
+  factor(e) = warmup_factor * (1 - e / W) + e / W for e < W, then gamma ** (#milestones <= e).
+  """
+  milestones_arr = jnp.asarray(sorted(milestones), jnp.int32)
+
+  def schedule(step):
+    epoch = step // iters_per_epoch
+    alpha = epoch / max(warmup_epochs, 1)
+    warm = jnp.where(epoch < warmup_epochs, warmup_factor * (1 - alpha) + alpha, 1.0)
+    decay = gamma ** jnp.sum(epoch >= milestones_arr)
+    return base_lr * warm * decay
+
+  return schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# State creation
+
+
+def create_train_state(spec: MethodSpec, students: Sequence[dict], tx: optax.GradientTransformation,
+                       rng: jax.Array, *, step: int = 0) -> TrainState:
+  """Builds the state from per-network variables; every teacher starts as a copy of its student."""
+  names = net_names(spec)
+  if len(students) != len(names):
+    raise ValueError(f'{len(names)} networks expected, got {len(students)}')
+  params = {n: v['params'] for n, v in zip(names, students)}
+  batch_stats = {n: v.get('batch_stats', {}) for n, v in zip(names, students)}
+  copy = lambda tree: jax.tree.map(jnp.array, tree)
+  return TrainState(
+      step=jnp.asarray(step, jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      teacher_params=copy(params) if spec.ema else {},
+      teacher_batch_stats=copy(batch_stats) if spec.ema else {},
+      opt_state=tx.init(params),
+      rng=rng)
+
+
+def ema_decay_at(step, decay: float):
+  """alpha_t = min(1 - 1/(t+1), decay): the teacher equals the student after step 0."""
+  return jnp.minimum(1.0 - 1.0 / (step.astype(jnp.float32) + 1.0), decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+@flax.struct.dataclass
+class EpochData:
+  """Device-resident arrays an epoch reads; array arguments, so new labels never recompile."""
+  images: jax.Array         # (N, H, W, 3) uint8
+  labels: jax.Array         # (N,) int32, -1 = excluded
+  class_mask: jax.Array     # (C,) bool, active classifier rows
+  target_images: jax.Array  # (M, H, W, 3) uint8 for pre-training's BN pass, else (0, H, W, 3)
+
+
+def _flatten_outputs(prefix: str, out) -> dict:
+  if isinstance(out, Mapping):
+    return {f'{prefix}/{k}': v for k, v in out.items()}
+  raise TypeError(f'train-mode model output must be a dict, got {type(out)}')
+
+
+def make_train_step(model, spec: MethodSpec, terms, tx: optax.GradientTransformation, *,
+                    ema_decay: float = 0.999, erasing_prob: float = 0.5,
+                    target_bn_pass: bool = False, augment: bool = True,
+                    mesh: Mesh | None = None) -> Callable:
+  """Returns `step(state, data, batch_idx, target_idx) -> (state, metrics)` (pure, unjitted).
+
+  `augment=False` feeds the normalised images unchanged (every view identical); for tests and
+  diagnostics only.
+  """
+  names = net_names(spec)
+  batch_spec = NamedSharding(mesh, P('data')) if mesh is not None else None
+
+  def constrain(x):
+    return jax.lax.with_sharding_constraint(x, batch_spec) if batch_spec is not None else x
+
+  def forward(variables, x, key):
+    out, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                               rngs={'dropout': key})
+    return out, updates['batch_stats']
+
+  def step(state: TrainState, data: EpochData, batch_idx, target_idx):
+    rng, aug_key, drop_key, target_key = jax.random.split(state.rng, 4)
+    images = constrain(data.images[batch_idx])
+    labels = data.labels[batch_idx]
+    if augment:
+      views = [constrain(input_pipeline.augment(k, images, erasing_prob=erasing_prob))
+               for k in jax.random.split(aug_key, spec.num_views)]
+    else:
+      views = [constrain(input_pipeline.normalize(images))] * spec.num_views
+    drop_keys = jax.random.split(drop_key, 2 * len(names))
+
+    outputs = {'labels': labels, 'class_mask': data.class_mask}
+    teacher_stats = {}
+    if spec.ema:
+      for i, name in enumerate(names):
+        out, teacher_stats[name] = forward(state.variables(name, teacher=True),
+                                           views[spec.teacher_views[i]], drop_keys[len(names) + i])
+        outputs.update(_flatten_outputs(f'teacher{i + 1}', jax.lax.stop_gradient(out)))
+
+    def loss_fn(params):
+      outs = dict(outputs)
+      new_stats = {}
+      for i, name in enumerate(names):
+        out, new_stats[name] = forward({'params': params[name],
+                                        'batch_stats': state.batch_stats[name]},
+                                       views[spec.student_views[i]], drop_keys[i])
+        outs.update(_flatten_outputs(f'student{i + 1}', out))
+      loss, metrics = objectives.compute_objective(terms, outs)
+      return loss, (metrics, new_stats)
+
+    (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+    if target_bn_pass:
+      # Pre-training: a no-grad train-mode forward of a target batch so that the BN running
+      # statistics also see the target domain (before the update, as the reference does).
+      t_images = constrain(data.target_images[target_idx])
+      t_view = input_pipeline.augment(target_key, t_images, erasing_prob=erasing_prob)
+      for name in names:
+        _, new_stats[name] = forward({'params': state.params[name],
+                                      'batch_stats': new_stats[name]}, t_view, target_key)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    teacher_params = state.teacher_params
+    if spec.ema:
+      alpha = ema_decay_at(state.step, ema_decay)
+      teacher_params = jax.tree.map(lambda t, s: alpha * t + (1.0 - alpha) * s,
+                                    state.teacher_params, params)
+    metrics = dict(metrics)
+    metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              teacher_params=teacher_params,
+                              teacher_batch_stats={**state.teacher_batch_stats, **teacher_stats},
+                              opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+  return step
+
+
+def make_train_chunk(step_fn: Callable, mesh: Mesh, *, use_scan: bool | None = None) -> Callable:
+  """`chunk(state, data, batch_idx (S, B), target_idx (S, B)) -> (state, metrics (S,))`.
+
+  Two equivalent drivers, both with the state buffer donated and no host synchronisation:
+  `lax.scan` over the S steps in one program (best on GPU / TPU), or a Python loop dispatching
+  one jitted step per iteration (asynchronously). XLA:CPU runs a convolution network about 3x
+  slower inside a while loop than as a top-level program (measured: 500 vs 140 ms per step,
+  experiments/results_training.md), so `use_scan=None` picks the loop on CPU and scan elsewhere.
+  """
+  replicated = NamedSharding(mesh, P())
+  if use_scan is None:
+    use_scan = jax.default_backend() != 'cpu'
+  if use_scan:
+    idx_sharding = NamedSharding(mesh, P(None, 'data'))
+
+    def chunk(state, data, batch_idx, target_idx):
+      def body(s, idx):
+        return step_fn(s, data, idx[0], idx[1])
+      return jax.lax.scan(body, state, (batch_idx, target_idx))
+
+    return jax.jit(chunk, donate_argnums=(0,),
+                   in_shardings=(replicated, replicated, idx_sharding, idx_sharding),
+                   out_shardings=(replicated, replicated))
+
+  idx_sharding = NamedSharding(mesh, P('data'))
+  step = jax.jit(step_fn, donate_argnums=(0,),
+                 in_shardings=(replicated, replicated, idx_sharding, idx_sharding),
+                 out_shardings=(replicated, replicated))
+
+  def loop(state, data, batch_idx, target_idx):
+    per_step = []
+    for i in range(len(batch_idx)):
+      state, metrics = step(state, data, batch_idx[i], target_idx[i])
+      per_step.append(metrics)
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+
+  loop._cache_size = step._cache_size  # for tests: one compiled program per run
+  return loop
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device; the batch axis is sharded over it."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
