@@ -9,21 +9,16 @@ from configs import default
 
 
 def get_config(arg: str = ''):
-  c = default.get_config('abmt')
-  parts = [p for p in (arg or '').split(',') if p]
+  c, task, options = default.from_arg('abmt', arg, ('unsupervised',))
   c.model.arch = 'abmt'
-  c.pretrain.epochs = default.get_config().pretrain.epochs
   # DBSCAN on the k-reciprocal Jaccard distance with source mixing, eps re-estimated every epoch.
-  c.cluster.update(dict(method='dbscan', lam=0.1, rho=2e-3, eps_every_epoch=True))
+  default.use_dbscan(c, task, rho=2e-3, every_epoch=True)
+  c.cluster.lam = 0.1
   # Loss weights default to the paper's L = (L_ce + L_sce) / 2 + L_stri; ablations set a group to
   # 0, e.g. --config.loss.soft_tri=0.0 (see jaxreid.objectives.weight_names('abmt')).
-  task = next((p for p in parts if p in default.TASKS), None)
-  if task:
-    default.apply_task(c, task)
-    c.model.ibn = False
-    c.pretrain.epochs = 80
-    c.pretrain.iters = 200
-  if 'unsupervised' in parts:
+  if task in ('market2duke', 'duke2market', 'market2msmt', 'duke2msmt'):
+    c.pretrain.iters = 200  # ABMT pre-trains 80 x 200 iterations
+  if 'unsupervised' in options:
     c.cluster.lam = 0.0
     c.init.skip_pretrain = True
   return c

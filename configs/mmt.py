@@ -9,15 +9,9 @@ from configs import default
 
 
 def get_config(arg: str = ''):
-  c = default.get_config('mmt')
-  parts = [p for p in (arg or '').split(',') if p]
+  c, task, options = default.from_arg('mmt', arg, ('dbscan',))
   c.loss.soft_ce_weight = 0.5
   c.loss.soft_tri_weight = 0.8
-  task = next((p for p in parts if p in default.TASKS), None)
-  if task:
-    default.apply_task(c, task)
-  if 'dbscan' in parts:
-    c.cluster.method = 'dbscan'
-    c.cluster.rho = 1.6e-3
-    c.cluster.eps_every_epoch = False  # eps fixed at epoch 0 (method.md section 3)
+  if 'dbscan' in options:
+    default.use_dbscan(c, task)
   return c

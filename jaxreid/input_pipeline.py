@@ -27,6 +27,7 @@ from jaxreid.data.readers import DataError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PROGRESS_MIN_IMAGES = 1000  # decode_images prints progress only for sets at least this large
+PROGRESS_MIN_SECONDS = 1.0  # ... and only once decoding has taken this long (quiet when fast)
 
 __all__ = ["decode_images", "normalize", "augment", "random_erasing", "pk_epoch_indices",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -78,7 +79,8 @@ def decode_images(paths: Sequence[str], height: int, width: int, *, progress: bo
     def tick(k: int):
         nonlocal done, next_report
         done += k
-        if show and done / n >= next_report:
+        # Reports at every 10%, once decoding has taken more than a second (quiet for small sets).
+        if show and done / n >= next_report and time.time() - t0 >= PROGRESS_MIN_SECONDS:
             print(f"decode_images: {done}/{n} ({100 * done / n:.0f}%) {time.time() - t0:.1f}s",
                   file=sys.stderr, flush=True)
             next_report = np.floor(done / n * 10 + 1) / 10

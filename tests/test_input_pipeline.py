@@ -65,6 +65,7 @@ def test_decode_errors_and_progress(tmp_path, capsys, monkeypatch):
     with pytest.raises(DataError, match=r"cannot read image .*missing\.jpg"):
         ip.decode_images([tmp_path / "missing.jpg"], 8, 4, num_threads=1)
     monkeypatch.setattr(ip, "PROGRESS_MIN_IMAGES", 10)
+    monkeypatch.setattr(ip, "PROGRESS_MIN_SECONDS", 0.0)
     ip.decode_images([good] * 40, 8, 4, num_threads=2)
     err = capsys.readouterr().err
     assert "decode_images: 40/40 (100%)" in err and err.count("decode_images") >= 3
