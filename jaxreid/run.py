@@ -10,6 +10,7 @@ ends with the same result as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -48,6 +49,11 @@ class DecodedSet:
   train: np.ndarray
   query: np.ndarray | None
   gallery: np.ndarray | None
+
+  @functools.cached_property
+  def test_images(self) -> np.ndarray:
+    """Query then gallery images, concatenated once (evaluations reuse it)."""
+    return np.concatenate([self.query, self.gallery])
 
 
 def load_and_decode(name: str, root: str | None, height: int, width: int, *,
@@ -97,8 +103,7 @@ def resize_classifiers(variables: dict, num_classes: int) -> dict:
 def evaluate_variables(embed_fn, variable_sets: Sequence[dict], target: DecodedSet,
                        *, batch_size: int, rerank: bool = False) -> dict:
   ds = target.dataset
-  images = np.concatenate([target.query, target.gallery])
-  feats = features_lib.extract_features(embed_fn, variable_sets, images, batch_size)
+  feats = features_lib.extract_features(embed_fn, variable_sets, target.test_images, batch_size)
   nq = len(target.query)
   return retrieval.evaluate(feats[:nq], feats[nq:], ds.query.pids, ds.gallery.pids,
                             ds.query.camids, ds.gallery.camids, rerank=rerank)
