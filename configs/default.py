@@ -74,7 +74,14 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
       k1=20, k2=6, lam=0.0, rho=1.6e-3, eps_every_epoch=False, min_samples=4,
       kmeans_backend='jax'))
 
+  # Every weight name the method's objective accepts (jaxreid.objectives.weight_names) is a
+  # field, unset by default (the objective's own defaults apply), so that any ablation is a
+  # command-line override, e.g. --config.loss.soft_tri=0.0.
   c.loss = ml_collections.ConfigDict()
+  if method != 'pretrain':
+    from jaxreid import objectives
+    for name in objectives.weight_names(method):
+      c.loss[name] = ml_collections.config_dict.placeholder(float)
   c.eval = ml_collections.ConfigDict(dict(rerank=False))
   return c
 

@@ -302,7 +302,7 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
   tx = train_lib.make_optimizer(tc.lr, weight_decay=tc.weight_decay)
   state = train_lib.create_train_state(spec, students, tx, jax.random.PRNGKey(seed))
   state = train_lib.replicate(state, mesh)
-  terms = objectives.objective_from_config(config.method, config.loss)
+  terms = loss_terms(config)
   step_fn = train_lib.make_train_step(model, spec, terms, tx, ema_decay=tc.ema_decay,
                                       erasing_prob=tc.erasing_prob, mesh=mesh)
   train_chunk = train_lib.make_train_chunk(step_fn, mesh)
@@ -391,6 +391,12 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
   if tc.select_best_on_test and best is not None:
     return dict(best, selection='best epoch on the target test set')
   return dict(last_results, selection='last epoch')
+
+
+def loss_terms(config) -> tuple:
+  """The method's objective from `config.loss`; weights left unset (None) take their defaults."""
+  loss = {k: v for k, v in config.loss.to_dict().items() if v is not None}
+  return objectives.objective_from_config(config.method, ml_collections.ConfigDict(loss))
 
 
 def max_classes_for(config, n_train: int) -> int:
@@ -549,4 +555,4 @@ def validate_config(config) -> None:
   check(config.train.epochs >= 0 and config.train.iters > 0, 'train.iters', 'must be positive')
   check(0.0 <= config.cluster.lam < 1.0, 'cluster.lam', 'must be in [0, 1)')
   if config.method != 'pretrain':
-    objectives.objective_from_config(config.method, config.loss)  # raises on unknown weights
+    loss_terms(config)  # raises on unknown weight names

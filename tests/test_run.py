@@ -16,6 +16,7 @@ import pytest
 
 from configs import mmt as mmt_config
 from jaxreid import checkpoint as checkpoint_lib
+from jaxreid import objectives
 from jaxreid import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,3 +114,25 @@ def test_invalid_config_value_names_the_key(tmp_path):
   assert proc.returncode == 2
   assert 'config.cluster.method' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_every_loss_weight_is_a_config_field():
+  from configs import abmt, cluster_baseline, mean_teacher, mmt
+  for module, method in ((mmt, 'mmt'), (abmt, 'abmt'), (mean_teacher, 'mean_teacher'),
+                         (cluster_baseline, 'cluster_baseline')):
+    config = module.get_config()
+    assert set(objectives.weight_names(method)) <= set(config.loss.keys()), method
+  config = abmt.get_config()
+  config.loss.soft_tri = 0.0  # the paper's "without L_stri" ablation
+  names = [t.name for t in run.loss_terms(config)]
+  assert names == ['ce_avg', 'soft_ce_avg', 'ce_max', 'soft_ce_max']
+
+
+def test_loss_weight_override_from_the_command_line(tmp_path):
+  # The override parses (the field exists); the run then stops at validation of a bad method.
+  proc = subprocess.run([sys.executable, '-m', 'jaxreid.main', '--config=configs/abmt.py',
+                         '--config.loss.soft_tri=0.0', '--config.method=nope',
+                         f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'config.method' in proc.stderr
