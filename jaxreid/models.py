@@ -317,14 +317,8 @@ def _check_fields(m):
     raise ValueError(f'num_classes must be >= 1, got {m.num_classes}')
 
 
-class ReIDNet(nn.Module):
-  """Backbone + re-ID head (method.md section 1).
-
-  train=True  -> {'features': f (B, D) pre-BN float32, 'logits': z (B, num_classes) float32}
-                 (apply with `mutable=['batch_stats']`, rng 'dropout' if dropout > 0)
-  train=False -> (B, D) float32 L2-normalised post-BN feature.
-  `num_classes` is a fixed maximum width; inactive rows are masked by the losses (`class_mask`).
-  """
+class _ReIDFields(nn.Module):
+  """The fields every re-ID network shares (design.md); subclasses add `__call__`."""
   depth: int = 50
   width: int = 64
   ibn: bool = False
@@ -335,6 +329,16 @@ class ReIDNet(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   norm_group_size: int = 0
+
+
+class ReIDNet(_ReIDFields):
+  """Backbone + re-ID head (method.md section 1).
+
+  train=True  -> {'features': f (B, D) pre-BN float32, 'logits': z (B, num_classes) float32}
+                 (apply with `mutable=['batch_stats']`, rng 'dropout' if dropout > 0)
+  train=False -> (B, D) float32 L2-normalised post-BN feature.
+  `num_classes` is a fixed maximum width; inactive rows are masked by the losses (`class_mask`).
+  """
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False):
@@ -353,7 +357,7 @@ class ReIDNet(nn.Module):
     return {'features': f, 'logits': z}
 
 
-class ABMTNet(nn.Module):
+class ABMTNet(_ReIDFields):
   """ABMT asymmetric-branch network (method.md section 1); same fields as ReIDNet.
 
   Shared trunk stem..layer3 (`backbone`); branch avg = `avg_branch` (layer4) -> average pooling ->
@@ -363,16 +367,6 @@ class ABMTNet(nn.Module):
   train=True  -> {'avg/features', 'avg/logits', 'max/features', 'max/logits'} (float32)
   train=False -> (B, 2D) concat of the post-BN features [avg, max], jointly L2-normalised.
   """
-  depth: int = 50
-  width: int = 64
-  ibn: bool = False
-  stem_relu: bool | None = None
-  last_stride: int = 1
-  pooling: str = 'avg'
-  num_classes: int = 1024
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  norm_group_size: int = 0
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False):
