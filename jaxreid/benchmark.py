@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 
 from absl import app
@@ -82,7 +81,6 @@ def structured_features(n: int, dim: int, ids: int, seed: int = 0):
 
 def measure_method(method: str, dtype: str) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from jaxreid import features as features_lib
   from jaxreid import models, objectives, run

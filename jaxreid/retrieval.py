@@ -272,15 +272,21 @@ def evaluate_distances(dist, q_pids, g_pids, q_camids, g_camids, *,
     if dist.ndim != 2:
         raise ValueError(f"dist must be (Q, G), got {dist.shape}")
     nq, ng = dist.shape
+    blocks = ((s, min(s + block_size, nq), dist[s:s + block_size])
+              for s in range(0, nq, block_size))
+    return _protocol_metrics(blocks, nq, ng, q_pids, g_pids, q_camids, g_camids, topk)
+
+
+def _protocol_metrics(blocks, nq, ng, q_pids, g_pids, q_camids, g_camids, topk) -> dict:
+    """Market-protocol metrics accumulated over `(start, end, distance block)` query blocks."""
     q_pids = _check_ids("q_pids", q_pids, nq)
     g_pids = _check_ids("g_pids", g_pids, ng)
     q_camids = _check_ids("q_camids", q_camids, nq)
     g_camids = _check_ids("g_camids", g_camids, ng)
     acc = _MetricAccumulator(topk)
     gallery = _Gallery(g_pids, g_camids)
-    for s in range(0, nq, block_size):
-        e = min(s + block_size, nq)
-        acc.add(*_block_metrics(dist[s:e], q_pids[s:e], q_camids[s:e], gallery))
+    for s, e, block in blocks:
+        acc.add(*_block_metrics(block, q_pids[s:e], q_camids[s:e], gallery))
     return acc.result(nq)
 
 
@@ -300,15 +306,8 @@ def evaluate(query_features, gallery_features, q_pids, g_pids, q_camids, g_camid
         dist = _rerank_fn(qf, gf, k1=k1, k2=k2, lam=lam, square_distances=square_distances)
         return evaluate_distances(dist, q_pids, g_pids, q_camids, g_camids, topk=topk,
                                   block_size=block_size)
-    q_pids = _check_ids("q_pids", q_pids, nq)
-    g_pids = _check_ids("g_pids", g_pids, ng)
-    q_camids = _check_ids("q_camids", q_camids, nq)
-    g_camids = _check_ids("g_camids", g_camids, ng)
-    acc = _MetricAccumulator(topk)
-    gallery = _Gallery(g_pids, g_camids)
-    for s, e, block in _iter_sqdist_blocks(qf, gf, block_size):
-        acc.add(*_block_metrics(block, q_pids[s:e], q_camids[s:e], gallery))
-    return acc.result(nq)
+    return _protocol_metrics(_iter_sqdist_blocks(qf, gf, block_size), nq, ng, q_pids, g_pids,
+                             q_camids, g_camids, topk)
 
 
 def format_results(results: dict, title: str | None = None) -> str:

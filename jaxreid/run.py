@@ -12,13 +12,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -47,8 +45,8 @@ class DecodedSet:
   """A data set with every split decoded once into uint8 arrays (method.md section 3)."""
   dataset: ReidDataset
   train: np.ndarray
-  query: np.ndarray | None
-  gallery: np.ndarray | None
+  query: np.ndarray
+  gallery: np.ndarray
 
   @functools.cached_property
   def test_images(self) -> np.ndarray:
@@ -57,15 +55,14 @@ class DecodedSet:
 
 
 def load_and_decode(name: str, root: str | None, height: int, width: int, *,
-                    test_splits: bool = True, synthetic: dict | None = None) -> DecodedSet:
+                    synthetic: dict | None = None) -> DecodedSet:
   kwargs = dict(synthetic or {}) if name.startswith('synthetic') else {}
   dataset = load_dataset(name, root or None, **kwargs)
   log(f'[data] {name}: {len(dataset.train.pids)} train images of {dataset.num_train_pids} ids, '
       f'{len(dataset.query.pids)} queries, {len(dataset.gallery.pids)} gallery ({dataset.root})')
   decode = lambda split: input_pipeline.decode_images(split.paths, height, width)
-  return DecodedSet(dataset, decode(dataset.train),
-                    decode(dataset.query) if test_splits else None,
-                    decode(dataset.gallery) if test_splits else None)
+  return DecodedSet(dataset, decode(dataset.train), decode(dataset.query),
+                    decode(dataset.gallery))
 
 
 def dataset_root(config, which: str) -> str | None:

@@ -3,7 +3,6 @@ down, device-count invariance (subprocesses with 1 and 4 host devices)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxreid import models
