@@ -67,7 +67,10 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
   # Stage 2: adaptation (40 x 400 in the papers; constant lr, fresh Adam every epoch).
   c.train = ml_collections.ConfigDict(dict(
       epochs=6, iters=30, lr=3.5e-4, weight_decay=5e-4, ema_decay=0.999, erasing_prob=0.5,
-      eval_every=2, log_every=0, select_best_on_test=False))
+      eval_every=2, log_every=0, select_best_on_test=False,
+      # Coupling diagnostic every epoch (ABMT Fig. 4): costs one extra feature pass over the
+      # target training images per student.
+      coupling=True))
 
   c.cluster = ml_collections.ConfigDict(dict(
       method='kmeans', num_clusters=80, max_classes=0,

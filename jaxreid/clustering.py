@@ -38,7 +38,9 @@ MAX_IMPLICIT_PAIRS = 50_000_000
 # --------------------------------------------------------------------------------------------
 
 def _sqd(x, x_sq, c):
-    return x_sq[:, None] + jnp.sum(c * c, axis=1)[None, :] - 2.0 * (x @ c.T)
+    # Full float32 products (not TF32 on GPUs), as the reference's float32 K-means.
+    cross = jnp.dot(x, c.T, precision=jax.lax.Precision.HIGHEST)
+    return x_sq[:, None] + jnp.sum(c * c, axis=1)[None, :] - 2.0 * cross
 
 
 @functools.partial(jax.jit, static_argnames=("k", "n_trials"))

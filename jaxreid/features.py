@@ -7,7 +7,7 @@ training batches; the images stay uint8 until they are on the device.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,3 +60,62 @@ def extract_features(embed_fn: Callable, variables_list: Sequence[Any], images: 
 
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------------------------
+# Coupling diagnostic (ABMT paper, Figure 4)
+
+
+def mean_feature_distance(a: np.ndarray, b: np.ndarray) -> float:
+  """Mean Euclidean distance between paired rows of two (N, D) feature arrays.
+
+  The "coupling" of two networks (ABMT, Fig. 4): how far apart the eval features of the same
+  images are. Mutual teaching drives MMT's two networks together (the distance shrinks towards 0,
+  and they stop correcting each other's pseudo-label errors); ABMT's asymmetric branches are meant
+  to stay apart. Identical networks give exactly 0.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f'feature shapes differ: {a.shape} vs {b.shape}')
+  return float(np.mean(np.linalg.norm(a - b, axis=1)))
+
+
+def branch_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Splits ABMTNet's eval feature [avg, max] into its two branches, each L2-normalised."""
+  d = features.shape[1] // 2
+  halves = features[:, :d], features[:, d:]
+  return tuple(h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12) for h in halves)
+
+
+def average_features(feature_sets: Sequence[np.ndarray]) -> np.ndarray:
+  """Mean of several networks' unit features, re-normalised (MMT clusters on its teachers'
+  average, as the reference does)."""
+  if len(feature_sets) == 1:
+    return feature_sets[0]
+  f = sum(np.asarray(x, np.float32) for x in feature_sets) / np.float32(len(feature_sets))
+  return (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def coupling(role_features: Mapping[str, np.ndarray], *, two_branch: bool) -> dict[str, float]:
+  """The coupling diagnostic from per-network features keyed 'teacher/netK' / 'student/netK'.
+
+  Returns (when the networks exist):
+    coupling/teachers         MMT: teacher 1 vs teacher 2;  ABMT: the teacher's two branches
+    coupling/students         MMT: student 1 vs student 2;  ABMT: the student's two branches
+    coupling/teacher_student  each teacher vs its own student (mean over networks)
+  """
+  out: dict[str, float] = {}
+  teachers = sorted(k for k in role_features if k.startswith('teacher/'))
+  students = sorted(k for k in role_features if k.startswith('student/'))
+  for name, keys in (('teachers', teachers), ('students', students)):
+    if two_branch and len(keys) == 1:
+      out[f'coupling/{name}'] = mean_feature_distance(*branch_features(role_features[keys[0]]))
+    elif len(keys) == 2:
+      out[f'coupling/{name}'] = mean_feature_distance(role_features[keys[0]],
+                                                      role_features[keys[1]])
+  pairs = [(t, 'student/' + t.split('/', 1)[1]) for t in teachers]
+  pairs = [(t, s) for t, s in pairs if s in role_features]
+  if pairs:
+    out['coupling/teacher_student'] = float(np.mean(
+        [mean_feature_distance(role_features[t], role_features[s]) for t, s in pairs]))
+  return out

@@ -254,11 +254,28 @@ def _random_batches(rng: np.random.Generator, n: int, iters: int, batch: int) ->
 # Stage 2: adaptation (clustering baseline, mean teacher, MMT, ABMT)
 
 
-def cluster_features(embed_fn, state, spec, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """Teachers' features (averaged over MMT's two teachers), or the student's without EMA."""
-  names = train_lib.net_names(spec)
-  sets = [state.variables(n, teacher=spec.ema) for n in names]
-  return features_lib.extract_features(embed_fn, sets, images, batch_size)
+def network_features(embed_fn, state, spec, images: np.ndarray, batch_size: int, *,
+                     students: bool) -> dict[str, np.ndarray]:
+  """Eval features of every network, keyed 'teacher/netK' and 'student/netK'.
+
+  Teachers always (students instead when the method has no EMA teacher); students too when
+  `students` (for the coupling diagnostic).
+  """
+  out = {}
+  for name in train_lib.net_names(spec):
+    roles = ([True] if spec.ema else []) + ([False] if students or not spec.ema else [])
+    for teacher in roles:
+      out[f'{"teacher" if teacher else "student"}/{name}'] = features_lib.extract_features(
+          embed_fn, [state.variables(name, teacher=teacher)], images, batch_size)
+  return out
+
+
+def clustering_features(role_features: dict, spec) -> np.ndarray:
+  """What the reference clusters: its teachers' features (averaged over MMT's two teachers), or
+  the student's without EMA."""
+  kind = 'teacher' if spec.ema else 'student'
+  return features_lib.average_features(
+      [role_features[f'{kind}/{n}'] for n in train_lib.net_names(spec)])
 
 
 def make_pseudo_labels(config, feats: np.ndarray, source_feats: np.ndarray | None, epoch: int,
@@ -318,14 +335,25 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
   images_dev = train_lib.replicate(target.train, mesh)
   source_feats = None
   last_results: dict = {}
+  two_branch = config.model.arch == 'abmt'
+  with_coupling = bool(tc.coupling)
+  extract = functools.partial(network_features, embed_fn, images=target.train,
+                              batch_size=config.data.eval_batch_size, students=with_coupling)
+  # Features of the current state, when the previous epoch already extracted them for the
+  # coupling diagnostic (the same state gives the same features, so resuming is unaffected).
+  current_features = None
   for epoch in range(start_epoch, tc.epochs):
     t_epoch = time.time()
-    feats = cluster_features(embed_fn, state, spec, target.train, config.data.eval_batch_size)
+    role_feats = current_features or extract(state=state, spec=spec)
+    current_features = None
+    if epoch == 0 and with_coupling:  # the networks before adaptation
+      writer.write(config.method, 0, features_lib.coupling(role_feats, two_branch=two_branch))
+    feats = clustering_features(role_feats, spec)
     if cc.method == 'dbscan' and cc.lam > 0:
       if source is None:
         raise ValueError('config.cluster.lam > 0 (source mixing) needs a source data set')
-      source_feats = cluster_features(embed_fn, state, spec, source.train,
-                                      config.data.eval_batch_size)
+      source_feats = clustering_features(network_features(
+          embed_fn, state, spec, source.train, config.data.eval_batch_size, students=False), spec)
     labels, eps, info = make_pseudo_labels(config, feats, source_feats, epoch, eps, seed)
     stats = clustering.cluster_stats(labels, ds.train.pids)
     num_clusters = int(stats['num_clusters'])
@@ -354,7 +382,10 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
                                         np.zeros_like(batch_idx), progress, epoch, chunk)
     progress.epoch_done(time.time() - t_epoch)
     record.update(metrics)
-    record['train_seconds'] = seconds
+    record.update({'train_seconds': seconds, 'lr': float(tc.lr)})
+    if with_coupling:  # the networks after this epoch (ABMT paper, Fig. 4)
+      current_features = extract(state=state, spec=spec)
+      record.update(features_lib.coupling(current_features, two_branch=two_branch))
     eval_now = tc.eval_every and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs)
     if eval_now:
       per_net = {}
@@ -376,18 +407,46 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
     writer.write(config.method, epoch + 1, record)
     ckpt.save(epoch, state, {'epoch': epoch, 'eps': eps, 'best': best,
                              'last_results': last_results})
+    if eval_now:
+      draw_plots(workdir, overview_only=True)
     log(f'[{config.method}] epoch {epoch + 1}/{tc.epochs} loss {metrics["loss/total"]:.3f} '
         f'clusters {num_clusters} noise {stats["noise_fraction"]:.0%}'
         + (f' purity {stats["purity"]:.2f} nmi {stats["nmi"]:.2f}' if 'nmi' in stats else '')
         + (f' | {results_line(last_results)}' if eval_now else '')
         + f' | {time.time() - t_epoch:.1f}s eta {format_duration(progress.eta(epoch))}')
   if not last_results and ckpt.latest_step() is not None:
-    _, meta = ckpt.restore(state)
+    state, meta = ckpt.restore(state)
     last_results = meta.get('last_results') or {}
+  export_state = state
+  if tc.select_best_on_test and best is not None:
+    export_state, _ = ckpt.restore(state, kind='best')
+  model_name = (last_results or best or {}).get('model', names[0])
+  export_model(os.path.join(workdir, 'model.msgpack'),
+               export_state.variables(model_name, teacher=spec.ema))
   ckpt.close()
   if tc.select_best_on_test and best is not None:
     return dict(best, selection='best epoch on the target test set')
   return dict(last_results, selection='last epoch')
+
+
+def export_model(path: str, variables: dict) -> None:
+  """The run's model in the project's weight format (`jaxreid.convert`), next to config.json:
+  what `python -m jaxreid.evaluate` / `jaxreid.search` and `config.init.checkpoints` read."""
+  from jaxreid import convert
+  convert.save_converted(path, jax.device_get(variables))
+  log(f'[export] model written to {path}')
+
+
+def draw_plots(workdir: str, *, overview_only: bool = False) -> None:
+  """Redraws `<workdir>/plots/` (`jaxreid.plots`); a plotting problem never stops a run."""
+  from jaxreid import plots
+  try:
+    written = plots.plot_run(workdir, per_panel=not overview_only, pretrain=not overview_only)
+  except Exception as e:  # pylint: disable=broad-except
+    log(f'[plots] skipped: {type(e).__name__}: {e}')
+    return
+  if written and not overview_only:
+    log(f'[plots] {len(written)} figures in {os.path.join(workdir, "plots")}')
 
 
 def loss_terms(config) -> tuple:
@@ -464,6 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   summary = {'source only': source_only, f'{config.method} (adapted)': adapted}
   print_summary(config, summary)
+  draw_plots(workdir)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump({k: {m: v for m, v in r.items()} for k, r in summary.items()}, f, indent=2,
               default=float)

@@ -89,12 +89,28 @@ def test_crash_then_resume_equals_uninterrupted_run(world_cache, tmp_path, monke
   for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(resumed_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   # What a user gets in the work dir.
-  for name in ('config.json', 'metrics.jsonl', 'results.json'):
+  for name in ('config.json', 'metrics.jsonl', 'results.json', 'model.msgpack',
+               'plots/overview.png', 'plots/coupling.png', 'plots/accuracy.png'):
     assert os.path.exists(os.path.join(crashed, name)), name
   records = [json.loads(l) for l in open(os.path.join(str(tmp_path / 'full'), 'metrics.jsonl'))]
   adapt_records = [r for r in records if r['stage'] == 'mmt']
-  assert [r['epoch'] for r in adapt_records] == [1, 2]
-  assert all('mAP' in r and 'cluster/nmi' in r and 'loss/total' in r for r in adapt_records)
+  assert [r['step'] for r in adapt_records] == [0, 1, 2]
+  before, epochs = adapt_records[0], adapt_records[1:]
+  assert all('mAP' in r and 'cluster/nmi' in r and 'loss/total' in r for r in epochs)
+  # Coupling diagnostic: before adaptation each EMA teacher is a copy of its student (distance
+  # exactly 0) and the two networks come from differently seeded pre-training (distance > 0,
+  # the same for teachers and students); after an epoch teacher and student differ.
+  assert before['coupling/teacher_student'] == 0.0
+  assert before['coupling/teachers'] > 0.0
+  assert before['coupling/students'] == pytest.approx(before['coupling/teachers'])
+  assert all(r['coupling/teacher_student'] > 0.0 and r['coupling/teachers'] > 0.0
+             for r in epochs)
+  # The adapted model is exported in the weight format that evaluate / search read.
+  from jaxreid import convert
+  exported = convert.load_converted(os.path.join(crashed, 'model.msgpack'))
+  for a, b in zip(jax.tree.leaves(exported['params']),
+                  jax.tree.leaves(full_params['net1'])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def _main(*flags):
