@@ -1,8 +1,9 @@
 """Prints a markdown table of the runs under a folder (each sub-folder a work dir).
 
 Usage: python experiments/summarise.py workdirs/real/cuhk2pku
-Source-only rows come from the pre-training runs' target evaluation; adapted rows from
-results.json of each method's work dir.
+Pre-training folders give the source model's own-domain and target (source only) results; every
+adaptation run gives its starting point (source only) and its adapted result, from results.json,
+plus the last coupling values from metrics.jsonl.
 """
 
 import json
@@ -10,29 +11,51 @@ import os
 import sys
 
 
+def _last_record(path, stage_prefix=None, key=None):
+  if not os.path.exists(path):
+    return None
+  last = None
+  with open(path) as f:
+    for line in f:
+      try:
+        r = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if stage_prefix and not r.get('stage', '').startswith(stage_prefix):
+        continue
+      if key and key not in r:
+        continue
+      last = r
+  return last
+
+
 def main(folder: str) -> None:
-  rows = []
+  print(f'| run ({folder}) | source-only mAP / top-1 | adapted mAP | top-1 | top-5 | top-10 | '
+        'coupling teachers / teacher-student |')
+  print('|---|---|---|---|---|---|---|')
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
+    if not os.path.isdir(path):
+      continue
     metrics = os.path.join(path, 'metrics.jsonl')
     results = os.path.join(path, 'results.json')
-    if name.startswith('pretrain') and os.path.exists(metrics):
-      with open(metrics) as f:
-        final = [json.loads(l) for l in f if '"pretrain_final"' in l]
-      if final:
-        r = final[-1]
-        rows.append((f'source only ({name})', r['target/mAP'], r['target/top1'], r['target/top5'],
-                     r['target/top10']))
-    elif os.path.exists(results):
+    if os.path.exists(results):
       with open(results) as f:
         res = json.load(f)
-      for label, r in res.items():
-        if 'adapted' in label and r:
-          rows.append((label, r['mAP'], r['top1'], r['top5'], r['top10']))
-  print(f'| {folder} | mAP | top-1 | top-5 | top-10 |')
-  print('|---|---|---|---|---|')
-  for label, *vals in rows:
-    print(f'| {label} | ' + ' | '.join(f'{v:.1f}' for v in vals) + ' |')
+      src = res.get('source only') or {}
+      adapted = next((r for label, r in res.items() if 'adapted' in label), None) or {}
+      coup = _last_record(metrics, key='coupling/teacher_student') or {}
+      c = ' / '.join(f'{coup[k]:.3f}' for k in ('coupling/teachers', 'coupling/teacher_student')
+                     if k in coup) or '-'
+      cells = [f"{src.get('mAP', float('nan')):.1f} / {src.get('top1', float('nan')):.1f}"]
+      cells += [f"{adapted[k]:.1f}" if k in adapted else '-' for k in ('mAP', 'top1', 'top5',
+                                                                         'top10')]
+      print(f'| {name} | ' + ' | '.join(cells) + f' | {c} |')
+    elif name.startswith('pretrain'):
+      r = _last_record(metrics, stage_prefix='pretrain_final')
+      if r:
+        print(f"| {name} (source model) | {r['target/mAP']:.1f} / {r['target/top1']:.1f} | "
+              f"source domain: {r['source/mAP']:.1f} | {r['source/top1']:.1f} | - | - | - |")
 
 
 if __name__ == '__main__':

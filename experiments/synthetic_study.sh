@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every method on the built-in synthetic world (synthetic_a -> synthetic_b) at the default config,
+# plus the float32 / bfloat16 comparison (MMT, two seeds each) and a longer ABMT budget.
+# Usage: [PARALLEL=1] bash experiments/synthetic_study.sh        (PARALLEL runs all at once: GPU)
+# Results: workdirs/synthetic/<run>/results.json, summarised by experiments/summarise.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+out=workdirs/synthetic
+mkdir -p "$out"
+runs=(
+  "cluster_baseline|--config=configs/cluster_baseline.py"
+  "mean_teacher|--config=configs/mean_teacher.py"
+  "mmt|--config=configs/mmt.py"
+  "abmt|--config=configs/abmt.py"
+  "abmt_20ep|--config=configs/abmt.py --config.train.epochs=20"
+  "mmt_seed2|--config=configs/mmt.py --config.seed=2"
+  "mmt_bf16|--config=configs/mmt.py --config.model.dtype=bfloat16"
+  "mmt_bf16_seed2|--config=configs/mmt.py --config.model.dtype=bfloat16 --config.seed=2"
+)
+pids=()
+for entry in "${runs[@]}"; do
+  name=${entry%%|*}; flags=${entry#*|}
+  cmd="$PY -m jaxreid.main $flags --workdir=$out/$name"
+  echo "$cmd"
+  if [[ "${PARALLEL:-0}" == 1 ]]; then
+    $cmd > "$out/$name.log" 2>&1 &
+    pids+=($!)
+  else
+    $cmd 2>&1 | tee "$out/$name.log"
+  fi
+done
+for p in "${pids[@]}"; do wait "$p"; done
+$PY experiments/summarise.py "$out"
