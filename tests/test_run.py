@@ -111,6 +111,31 @@ def test_crash_then_resume_equals_uninterrupted_run(world_cache, tmp_path, monke
   for a, b in zip(jax.tree.leaves(exported['params']),
                   jax.tree.leaves(full_params['net1'])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  _check_exported_model_with_the_commands(crashed, full[f'{config.method} (adapted)'])
+
+
+def _check_exported_model_with_the_commands(workdir, run_results):
+  """The trained model, loaded by `jaxreid.evaluate` / `jaxreid.search` from the work dir alone,
+  reproduces the run's own final evaluation and searches the target gallery end to end."""
+  from jaxreid import evaluate as evaluate_cli
+  from jaxreid import inference
+  from jaxreid import search as search_cli
+  loaded = inference.load_model(workdir)
+  config = json.load(open(os.path.join(workdir, 'config.json')))
+  query, gallery, _ = evaluate_cli.load_test_splits('synthetic_b', None, config)
+  results, _, _ = evaluate_cli.evaluate_model(loaded, query, gallery, batch_size=64)
+  for key in ('mAP', 'top1', 'top5'):
+    assert results[key] == pytest.approx(run_results[key], abs=1e-4), key
+  found = search_cli.search(loaded, os.path.dirname(query.paths[0]),
+                            os.path.dirname(gallery.paths[0]), topk=5)
+  assert found.ranked.shape == (len(query.paths), 5)
+  assert np.all(np.diff(found.distances, axis=1) >= 0)
+  # A query's best match by the search is its nearest gallery feature under the protocol's
+  # distance (independent recomputation).
+  qf = found.query_features.astype(np.float64)
+  gf = found.gallery_features.astype(np.float64)
+  d = ((qf[:, None] - gf[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(found.ranked[:, 0], d.argmin(1))
 
 
 def _main(*flags):
