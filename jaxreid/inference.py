@@ -166,10 +166,11 @@ class LoadedModel:
                        f'{self.height}x{self.width}: decode them at that size')
     if self._embed is None:
       mesh, where = None, None
-      if jax.device_count() > 1:
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-        mesh = Mesh(np.asarray(jax.devices()), ('data',))
-        where = NamedSharding(mesh, PartitionSpec())  # weights replicated, batch sharded
+      if jax.device_count() > 1:  # the trainer's 1-D mesh: weights replicated, batch sharded
+        from jax.sharding import NamedSharding, PartitionSpec
+        from jaxreid import train as train_lib
+        mesh = train_lib.make_mesh()
+        where = NamedSharding(mesh, PartitionSpec())
       self._embed = features_lib.make_embed_fn(self.model, mesh)
       self._device_variables = jax.device_put(self.variables, where)
     return features_lib.extract_features(self._embed, [self._device_variables], images,
