@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from jaxreid.retrieval import JaccardGraph, jaccard_distance
+from jaxreid.retrieval import JaccardGraph, full_dot_t, jaccard_distance
 
 __all__ = [
     "kmeans",
@@ -39,8 +39,7 @@ MAX_IMPLICIT_PAIRS = 50_000_000
 
 def _sqd(x, x_sq, c):
     # Full float32 products (not TF32 on GPUs), as the reference's float32 K-means.
-    cross = jnp.dot(x, c.T, precision=jax.lax.Precision.HIGHEST)
-    return x_sq[:, None] + jnp.sum(c * c, axis=1)[None, :] - 2.0 * cross
+    return x_sq[:, None] + jnp.sum(c * c, axis=1)[None, :] - 2.0 * full_dot_t(x, c)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "n_trials"))

@@ -84,11 +84,11 @@ def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
 # Distances (method.md section 5: squared Euclidean, 2 - 2cos on unit vectors)
 # --------------------------------------------------------------------------------------------
 
-def _dot_t(a, b):
-    """a @ b.T in full float32. On NVIDIA GPUs JAX's default precision runs float32 products on
-    TF32 tensor cores (10-bit mantissa; measured on the H100, experiments/gpu_h100/ceilings.log),
-    which perturbs distances by ~1e-3 and can reorder near-ties; the reference evaluates in
-    float32, so distances here ask for full precision (no effect on CPU)."""
+def full_dot_t(a, b):
+    """a @ b.T in full float32, for every distance here and in clustering. On NVIDIA GPUs JAX's
+    default precision runs float32 products on TF32 tensor cores (10-bit mantissa; measured on
+    the H100, experiments/gpu_h100/ceilings.log), which perturbs distances by ~1e-3 and can
+    reorder near-ties; the reference evaluates in float32 (no effect on CPU)."""
     return jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -96,7 +96,7 @@ def _dot_t(a, b):
 def _sqdist_tile(q, g, g_sq):
     # Same formula and order as the reference evaluator: |q|^2 + |g|^2 - 2 q.g (float32).
     q_sq = jnp.sum(q * q, axis=1, keepdims=True)
-    return q_sq + g_sq[None, :] - 2.0 * _dot_t(q, g)
+    return q_sq + g_sq[None, :] - 2.0 * full_dot_t(q, g)
 
 
 def _iter_sqdist_blocks(query_features, gallery_features, block_size):
@@ -471,7 +471,7 @@ def _get_knn_tile(tile: int):
         nj = jax.lax.dynamic_slice_in_dim(sq, j0, tile)
         vi = jax.lax.dynamic_slice_in_dim(valid, i0, tile)
         vj = jax.lax.dynamic_slice_in_dim(valid, j0, tile)
-        s = _dot_t(xi, xj)
+        s = full_dot_t(xi, xj)
 
         def update(vals, idx, rmax, neg, pos, mx, r0, c0):
             cur_v = jax.lax.dynamic_slice_in_dim(vals, r0, tile)
@@ -802,7 +802,7 @@ def source_term(target_features, source_features, *, block_size: int = 1024) -> 
 
 @jax.jit
 def _min_sqdist_tile(t, src, s_sq):
-    d = jnp.sum(t * t, axis=1, keepdims=True) + s_sq[None, :] - 2.0 * _dot_t(t, src)
+    d = jnp.sum(t * t, axis=1, keepdims=True) + s_sq[None, :] - 2.0 * full_dot_t(t, src)
     return jnp.min(d, axis=1)
 
 

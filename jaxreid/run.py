@@ -238,8 +238,7 @@ def pretrain(config, source: DecodedSet, target: DecodedSet | None, seed: int, w
   writer.close()
   variables = jax.device_get(state.variables('net1'))
   # The source model in the project's weight format, reusable via config.init.checkpoints.
-  from jaxreid import convert
-  convert.save_converted(os.path.join(workdir, 'model.msgpack'), variables)
+  export_model(os.path.join(workdir, 'model.msgpack'), variables)
   return variables
 
 
@@ -322,10 +321,11 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
   train_chunk = train_lib.make_train_chunk(step_fn, mesh)
   embed_fn = features_lib.make_embed_fn(model, mesh)
   ckpt = checkpoint_lib.Checkpointer(workdir)
-  start_epoch, eps, best = 0, None, None
+  start_epoch, eps, best, last_results = 0, None, None, {}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
     start_epoch, eps, best = meta['epoch'] + 1, meta.get('eps'), meta.get('best')
+    last_results = meta.get('last_results') or {}
     log(f'[{config.method}] resuming after epoch {start_epoch} from {ckpt.directory}')
   names = train_lib.net_names(spec)
   eval_roles = [(n, spec.ema) for n in names]
@@ -334,7 +334,6 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
   empty = np.zeros((1,) + target.train.shape[1:], np.uint8)
   images_dev = train_lib.replicate(target.train, mesh)
   source_feats = None
-  last_results: dict = {}
   two_branch = config.model.arch == 'abmt'
   with_coupling = bool(tc.coupling)
   extract = functools.partial(network_features, embed_fn, images=target.train,
@@ -414,9 +413,6 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
         + (f' purity {stats["purity"]:.2f} nmi {stats["nmi"]:.2f}' if 'nmi' in stats else '')
         + (f' | {results_line(last_results)}' if eval_now else '')
         + f' | {time.time() - t_epoch:.1f}s eta {format_duration(progress.eta(epoch))}')
-  if not last_results and ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    last_results = meta.get('last_results') or {}
   export_state = state
   if tc.select_best_on_test and best is not None:
     export_state, _ = ckpt.restore(state, kind='best')
