@@ -413,16 +413,17 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
         + (f' purity {stats["purity"]:.2f} nmi {stats["nmi"]:.2f}' if 'nmi' in stats else '')
         + (f' | {results_line(last_results)}' if eval_now else '')
         + f' | {time.time() - t_epoch:.1f}s eta {format_duration(progress.eta(epoch))}')
-  export_state = state
+  # The reported model is the one exported: the best epoch's (and its network) with
+  # select_best_on_test, else the last epoch's.
   if tc.select_best_on_test and best is not None:
+    selected = dict(best, selection='best epoch on the target test set')
     export_state, _ = ckpt.restore(state, kind='best')
-  model_name = (last_results or best or {}).get('model', names[0])
+  else:
+    selected, export_state = dict(last_results, selection='last epoch'), state
   export_model(os.path.join(workdir, 'model.msgpack'),
-               export_state.variables(model_name, teacher=spec.ema))
+               export_state.variables(selected.get('model', names[0]), teacher=spec.ema))
   ckpt.close()
-  if tc.select_best_on_test and best is not None:
-    return dict(best, selection='best epoch on the target test set')
-  return dict(last_results, selection='last epoch')
+  return selected
 
 
 def export_model(path: str, variables: dict) -> None:

@@ -114,6 +114,27 @@ def test_crash_then_resume_equals_uninterrupted_run(world_cache, tmp_path, monke
   _check_exported_model_with_the_commands(crashed, full[f'{config.method} (adapted)'])
 
 
+def test_select_best_on_test_exports_the_reported_network(world_cache, tmp_path):
+  """With model selection on the test set, model.msgpack is the teacher that the results name,
+  taken from the best epoch's checkpoint."""
+  config = tiny_config()
+  config.train.select_best_on_test = True
+  workdir = str(tmp_path / 'best')
+  adapted = run.train_and_evaluate(config, workdir)[f'{config.method} (adapted)']
+  assert adapted['selection'] == 'best epoch on the target test set'
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  import orbax.checkpoint as ocp
+  restored = ckpt._managers['best'].restore(ckpt.latest_step('best'), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  ckpt.close()
+  assert restored['meta']['best']['model'] == adapted['model']
+  from jaxreid import convert
+  exported = convert.load_converted(os.path.join(workdir, 'model.msgpack'))
+  want = restored['state']['teacher_params'][adapted['model']]
+  for a, b in zip(jax.tree.leaves(exported['params']), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
 def _check_exported_model_with_the_commands(workdir, run_results):
   """The trained model, loaded by `jaxreid.evaluate` / `jaxreid.search` from the work dir alone,
   reproduces the run's own final evaluation and searches the target gallery end to end."""
