@@ -5,7 +5,5 @@ from configs import default
 
 
 def get_config(arg: str = ''):
-  c, task, options = default.from_arg('cluster_baseline', arg, ('dbscan',))
-  if 'dbscan' in options:
-    default.use_dbscan(c, task)
+  c = default.clustering_method_config('cluster_baseline', arg)
   return c

@@ -145,6 +145,15 @@ RHO_SCALE = {None: (10.1 / 1010) / _MARKET_PAIR_FRACTION,
              'pku2cuhk': (9.7 / 7477) / _MARKET_PAIR_FRACTION}
 
 
+def clustering_method_config(method: str, arg: str = '') -> ml_collections.ConfigDict:
+  """`from_arg` for the methods that cluster with K-means by default and accept `,dbscan`
+  (clustering baseline, mean teacher, MMT)."""
+  c, task, options = from_arg(method, arg, ('dbscan',))
+  if 'dbscan' in options:
+    use_dbscan(c, task)
+  return c
+
+
 def use_dbscan(c: ml_collections.ConfigDict, task: str | None, rho: float = 1.6e-3,
                every_epoch: bool = False):
   """DBSCAN on the k-reciprocal Jaccard distance; MMT fixes eps at epoch 0 (method.md s. 3)."""

@@ -9,9 +9,7 @@ from configs import default
 
 
 def get_config(arg: str = ''):
-  c, task, options = default.from_arg('mmt', arg, ('dbscan',))
+  c = default.clustering_method_config('mmt', arg)
   c.loss.soft_ce_weight = 0.5
   c.loss.soft_tri_weight = 0.8
-  if 'dbscan' in options:
-    default.use_dbscan(c, task)
   return c
