@@ -102,7 +102,7 @@ def apply_task(c: ml_collections.ConfigDict, task: str) -> ml_collections.Config
       c.data[which] = 'market1501'
       c.data[f'{which}_root'] = os.path.join(SHARED_DATA, folder)
     c.data.height, c.data.width = 64, 32
-    # A budget that fits the 2-core CPU (about half an hour per task and method set) and trains
+    # A budget that fits the 2-core CPU (an estimated 30-40 min per task, all methods) and trains
     # the small backbone from random initialisation well past the synthetic default's 300 steps.
     c.pretrain.update(dict(epochs=20, iters=50, warmup_epochs=2, milestones=(16,), eval_every=10))
     c.train.update(dict(epochs=10, iters=50, eval_every=2))
