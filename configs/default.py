@@ -70,7 +70,11 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
       eval_every=2, log_every=0, select_best_on_test=False,
       # Coupling diagnostic every epoch (ABMT Fig. 4): costs one extra feature pass over the
       # target training images per student.
-      coupling=True))
+      coupling=True,
+      # Which augmented view each EMA teacher sees; () = the method's own (MMT: its student's;
+      # mean teacher: a second view; ABMT: its student's). E.g. (1,) gives ABMT's teacher a view
+      # of its own (an ablation, not the reference).
+      teacher_views=()))
 
   c.cluster = ml_collections.ConfigDict(dict(
       method='kmeans', num_clusters=80, max_classes=0,

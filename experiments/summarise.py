@@ -3,7 +3,7 @@
 Usage: python experiments/summarise.py workdirs/real/cuhk2pku
 Pre-training folders give the source model's own-domain and target (source only) results; every
 adaptation run gives its starting point (source only) and its adapted result, from results.json,
-plus the last coupling values from metrics.jsonl.
+plus the last coupling values from metrics.jsonl and, for ABMT, each branch's mAP alone.
 """
 
 import json
@@ -31,8 +31,8 @@ def _last_record(path, stage_prefix=None, key=None):
 
 def main(folder: str) -> None:
   print(f'| run ({folder}) | source-only mAP / top-1 | adapted mAP | top-1 | top-5 | top-10 | '
-        'coupling teachers / teacher-student |')
-  print('|---|---|---|---|---|---|---|')
+        'coupling teachers / teacher-student | branch mAP avg / max (source -> adapted) |')
+  print('|---|---|---|---|---|---|---|---|')
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
     if not os.path.isdir(path):
@@ -50,12 +50,14 @@ def main(folder: str) -> None:
       cells = [f"{src.get('mAP', float('nan')):.1f} / {src.get('top1', float('nan')):.1f}"]
       cells += [f"{adapted[k]:.1f}" if k in adapted else '-' for k in ('mAP', 'top1', 'top5',
                                                                          'top10')]
-      print(f'| {name} | ' + ' | '.join(cells) + f' | {c} |')
+      branches = ' -> '.join(f"{r['avg/mAP']:.1f} / {r['max/mAP']:.1f}" for r in (src, adapted)
+                             if 'avg/mAP' in r) or '-'
+      print(f'| {name} | ' + ' | '.join(cells) + f' | {c} | {branches} |')
     elif name.startswith('pretrain'):
       r = _last_record(metrics, stage_prefix='pretrain_final')
       if r:
         print(f"| {name} (source model) | {r['target/mAP']:.1f} / {r['target/top1']:.1f} | "
-              f"source domain: {r['source/mAP']:.1f} | {r['source/top1']:.1f} | - | - | - |")
+              f"source domain: {r['source/mAP']:.1f} | {r['source/top1']:.1f} | - | - | - | - |")
 
 
 if __name__ == '__main__':

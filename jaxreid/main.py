@@ -20,13 +20,34 @@ flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and plots go '
                     '(default: workdirs/<method>_<source>_to_<target>).')
 flags.DEFINE_string('compilation_cache', os.path.expanduser('~/.cache/jaxreid/xla'),
                     'Persistent XLA compilation cache directory ("" disables it).')
+flags.DEFINE_bool('deterministic', False,
+                  'Bitwise-repeatable runs on GPUs: deterministic XLA ops and no convolution '
+                  'autotuning (see deterministic_xla_flags). Slower; CPU runs are repeatable '
+                  'without it.')
 FLAGS = flags.FLAGS
+
+# Measured on one H100 (jax 0.11, synthetic pre-training, same seed, experiments/
+# results_training.md): two runs differ in their weights (and their target mAP by several points)
+# unless both flags are set; with both the exported models are byte-identical. The deterministic-ops
+# flag alone is not enough: autotuning picks convolution algorithms by timing, which varies.
+DETERMINISTIC_XLA_FLAGS = ('--xla_gpu_deterministic_ops=true', '--xla_gpu_autotune_level=0')
+
+
+def deterministic_xla_flags(xla_flags: str) -> str:
+  """`xla_flags` (the XLA_FLAGS value) with DETERMINISTIC_XLA_FLAGS added; a flag the user set
+  already (any value) is kept as given."""
+  parts = xla_flags.split()
+  names = {p.split('=', 1)[0] for p in parts}
+  parts += [f for f in DETERMINISTIC_XLA_FLAGS if f.split('=', 1)[0] not in names]
+  return ' '.join(parts)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress is ours
+  if FLAGS.deterministic:  # read when the backend starts, i.e. before any device use below
+    os.environ['XLA_FLAGS'] = deterministic_xla_flags(os.environ.get('XLA_FLAGS', ''))
   import jax
   if FLAGS.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache)

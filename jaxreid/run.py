@@ -98,17 +98,30 @@ def resize_classifiers(variables: dict, num_classes: int) -> dict:
 
 
 def evaluate_variables(embed_fn, variable_sets: Sequence[dict], target: DecodedSet,
-                       *, batch_size: int, rerank: bool = False) -> dict:
+                       *, batch_size: int, rerank: bool = False, branches: bool = False) -> dict:
+  """Market-protocol results of the eval features on `target`'s query / gallery.
+
+  `branches` (ABMTNet): also each branch alone, from the halves of the same features
+  (`features.branch_features`), as 'avg/mAP', 'avg/top1', 'max/mAP', 'max/top1'.
+  """
   ds = target.dataset
   feats = features_lib.extract_features(embed_fn, variable_sets, target.test_images, batch_size)
   nq = len(target.query)
-  return retrieval.evaluate(feats[:nq], feats[nq:], ds.query.pids, ds.gallery.pids,
-                            ds.query.camids, ds.gallery.camids, rerank=rerank)
+  ids = (ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids)
+  results = retrieval.evaluate(feats[:nq], feats[nq:], *ids, rerank=rerank)
+  if branches:
+    for name, half in zip(('avg', 'max'), features_lib.branch_features(feats)):
+      res = retrieval.evaluate(half[:nq], half[nq:], *ids, rerank=rerank)
+      results.update({f'{name}/mAP': res['mAP'], f'{name}/top1': res['top1']})
+  return results
 
 
 def results_line(results: dict) -> str:
-  return (f"mAP {results['mAP']:.1f} top1 {results['top1']:.1f} top5 {results['top5']:.1f} "
+  line = (f"mAP {results['mAP']:.1f} top1 {results['top1']:.1f} top5 {results['top5']:.1f} "
           f"top10 {results['top10']:.1f}")
+  if 'avg/mAP' in results:  # ABMTNet: each branch alone
+    line += f" (branch mAP avg {results['avg/mAP']:.1f} max {results['max/mAP']:.1f})"
+  return line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +318,7 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
           workdir: str, mesh, writer: MetricsWriter) -> dict:
   """Unsupervised adaptation to the target domain; returns the final evaluation."""
   tc, cc = config.train, config.cluster
-  spec = train_lib.METHODS[config.method]
+  spec = method_spec(config)
   ds = target.dataset
   n_train = len(ds.train.pids)
   max_classes = max_classes_for(config, n_train)
@@ -391,7 +404,7 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
       for name, teacher in eval_roles:
         res = evaluate_variables(embed_fn, [state.variables(name, teacher=teacher)], target,
                                  batch_size=config.data.eval_batch_size,
-                                 rerank=config.eval.rerank)
+                                 rerank=config.eval.rerank, branches=two_branch)
         per_net[name] = res
         record.update({f'{name}/{k}': v for k, v in res.items()})
       # The model is network 1's teacher; picking the better of MMT's two on the test set is
@@ -513,7 +526,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config, students[0]['params'][_classifier_key(students[0])]['kernel'].shape[1])
   embed_fn = features_lib.make_embed_fn(model, mesh)
   source_only = evaluate_variables(embed_fn, [students[0]], target,
-                                   batch_size=config.data.eval_batch_size)
+                                   batch_size=config.data.eval_batch_size,
+                                   branches=config.model.arch == 'abmt')
   writer.write('source_only', 0, source_only)
   log(f'[source only] target {results_line(source_only)}')
   adapted = adapt(config, target, source, students[:spec.num_students], workdir, mesh, writer)
@@ -543,6 +557,16 @@ def load_initial(config) -> dict | None:
         'or leave it empty to start from random initialisation.')
   from jaxreid import convert
   return convert.load_converted(path)
+
+
+def method_spec(config) -> train_lib.MethodSpec:
+  """The method's networks and views; `config.train.teacher_views` (if set) overrides which
+  independently augmented view each EMA teacher sees, e.g. `(1,)` gives ABMT's teacher a view of
+  its own (the reference: the student's view) and `(0,)` gives the mean-teacher baseline's
+  teacher the student's view (default: a second view)."""
+  spec = train_lib.METHODS[config.method]
+  views = tuple(config.train.get('teacher_views') or ())
+  return dataclasses.replace(spec, teacher_views=views) if views else spec
 
 
 def source_models(config, source, target, workdir, mesh, initial) -> list[dict]:
@@ -608,5 +632,14 @@ def validate_config(config) -> None:
         "method 'abmt' needs model.arch='abmt'")
   check(config.train.epochs >= 0 and config.train.iters > 0, 'train.iters', 'must be positive')
   check(0.0 <= config.cluster.lam < 1.0, 'cluster.lam', 'must be in [0, 1)')
+  views = tuple(config.train.get('teacher_views') or ())
+  if views:
+    spec = train_lib.METHODS.get(config.method)
+    check(spec is not None and spec.ema, 'train.teacher_views',
+          f'method {config.method!r} has no EMA teacher')
+    check(len(views) == spec.num_students, 'train.teacher_views',
+          f'needs one view index per teacher ({spec.num_students}), got {views}')
+    check(all(isinstance(v, int) and 0 <= v <= 3 for v in views), 'train.teacher_views',
+          f'view indices must be integers in 0..3, got {views}')
   if config.method != 'pretrain':
     loss_terms(config)  # raises on unknown weight names

@@ -198,3 +198,70 @@ def test_loss_weight_override_from_the_command_line(tmp_path):
                         timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'config.method' in proc.stderr
+
+
+def test_teacher_views_override_and_its_validation():
+  from configs import abmt, cluster_baseline
+  config = abmt.get_config()
+  assert run.method_spec(config).teacher_views == (0,)  # the reference: the student's view
+  config.train.teacher_views = (1,)
+  run.validate_config(config)
+  spec = run.method_spec(config)
+  assert spec.teacher_views == (1,) and spec.student_views == (0,) and spec.num_views == 2
+  for module, views, message in ((mmt_config, (1,), 'one view index per teacher'),
+                                 (abmt, (7,), 'integers in 0..3'),
+                                 (cluster_baseline, (1,), 'no EMA teacher')):
+    config = module.get_config()
+    config.train.teacher_views = views
+    with pytest.raises(ValueError, match=r'config\.train\.teacher_views.*' + message):
+      run.validate_config(config)
+
+
+def test_two_branch_evaluation_reports_each_branch():
+  # Eval features [avg half, max half] made by hand from the images: the avg half is the
+  # identity's one-hot (perfect retrieval); the max half is the identity's one-hot for queries
+  # but the *next* identity's for gallery images, so for every query the nearest gallery images
+  # in the max half (distance 0) are of the previous identity, never the true one.
+  import types
+  num_ids = 4
+  q_pids = np.arange(num_ids)
+  g_pids = np.repeat(np.arange(num_ids), 2)
+
+  def split(pids, cam):
+    return types.SimpleNamespace(pids=pids, camids=np.full(len(pids), cam))
+
+  def images(pids, gallery):  # identity and split written into the first pixel
+    out = np.zeros((len(pids), 4, 2, 3), np.uint8)
+    out[:, 0, 0, 0] = pids
+    out[:, 0, 0, 1] = gallery
+    return out
+
+  dataset = types.SimpleNamespace(query=split(q_pids, 0), gallery=split(g_pids, 1))
+  target = run.DecodedSet(dataset=dataset, train=images(q_pids, 0), query=images(q_pids, 0),
+                          gallery=images(g_pids, 1))
+
+  def embed_fn(variables_list, batch):
+    batch = np.asarray(batch)
+    pid, shift = batch[:, 0, 0, 0].astype(int), batch[:, 0, 0, 1].astype(int)
+    eye = np.eye(num_ids, dtype=np.float32)
+    f = np.concatenate([2 * eye[pid], eye[(pid + shift) % num_ids]], axis=1)
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+  res = run.evaluate_variables(embed_fn, [{}], target, batch_size=8, branches=True)
+  assert res['avg/mAP'] == pytest.approx(100.0) and res['avg/top1'] == pytest.approx(100.0)
+  assert res['max/top1'] == 0.0 and res['max/mAP'] < 100.0
+  # The joint feature weighs the avg half more (squared distance 0.4 to a true match, 1.6 to
+  # the previous identity's images), so it still retrieves perfectly.
+  assert res['mAP'] == pytest.approx(100.0)
+  assert 'avg/mAP' not in run.evaluate_variables(embed_fn, [{}], target, batch_size=8)
+
+
+def test_deterministic_flag_adds_the_xla_flags_keeping_the_users():
+  from jaxreid import main
+  assert main.deterministic_xla_flags('') == (
+      '--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0')
+  # A user's own value of one of them wins; unrelated flags are kept in order.
+  assert main.deterministic_xla_flags('--xla_force_host_platform_device_count=2 '
+                                      '--xla_gpu_autotune_level=2') == (
+      '--xla_force_host_platform_device_count=2 --xla_gpu_autotune_level=2 '
+      '--xla_gpu_deterministic_ops=true')

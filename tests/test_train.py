@@ -48,6 +48,29 @@ def test_teacher_is_ema_of_student_params_only():
   assert any(not np.allclose(a, b) for a, b in zip(t_stats, s_stats))
 
 
+@pytest.mark.parametrize('method,views,same_view', [
+    ('abmt', (), True),             # the reference: ABMT's teacher sees the student's view
+    ('abmt', (1,), False),          # config.train.teacher_views=(1,): a view of its own
+    # (the mean-teacher baseline's default, a second view: test_teacher_is_ema_of_student_...)
+    ('mean_teacher', (0,), True)])
+def test_which_view_the_teacher_sees(method, views, same_view):
+  # Teacher and student start identical, so a teacher forwarding the student's very images gets
+  # the same BN batch statistics: equal running statistics after one step. Another augmented
+  # view (different crops, flips, erasing) gives different ones.
+  _, spec, _, state, step_fn, data = fx.setup(method, teacher_views=views)
+  assert spec.num_views == (1 if same_view else 2)
+  for a, b in zip(jax.tree.leaves(state.teacher_batch_stats), jax.tree.leaves(state.batch_stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  idx = fx.pk_indices(1)
+  new, _ = jax.jit(step_fn)(state, data, idx[0], idx[0])
+  pairs = list(zip(jax.tree.leaves(new.teacher_batch_stats), jax.tree.leaves(new.batch_stats)))
+  if same_view:
+    for a, b in pairs:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  else:
+    assert any(not np.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in pairs)
+
+
 def test_teacher_runs_in_train_mode_and_updates_its_own_stats():
   _, _, _, state, step_fn, data = fx.setup('mmt')
   idx = fx.pk_indices(1)

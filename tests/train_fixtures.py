@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,9 +50,13 @@ def method_terms(method: str):
   return objectives.build_objective(method)
 
 
-def setup(method: str, *, lr: float = 1e-3, seed: int = 0, mesh=None, augment: bool = True):
-  """(model, spec, tx, state, step_fn, data) for `method` on the toy data."""
+def setup(method: str, *, lr: float = 1e-3, seed: int = 0, mesh=None, augment: bool = True,
+          teacher_views: tuple = ()):
+  """(model, spec, tx, state, step_fn, data) for `method` on the toy data; `teacher_views`
+  overrides the method's teachers' views."""
   spec = train_lib.METHODS[method]
+  if teacher_views:
+    spec = dataclasses.replace(spec, teacher_views=tuple(teacher_views))
   arch = 'abmt' if method == 'abmt' else 'resnet'
   model = tiny_model(arch)
   tx = train_lib.make_optimizer(lr)
