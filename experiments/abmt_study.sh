@@ -29,23 +29,17 @@ runs=(
   "mean_teacher_sameview|--config=configs/mean_teacher.py --config.train.teacher_views=(0,)"
   "abmt_avg_only|--config=configs/abmt.py $kmeans --config.loss.ce_avg=1.0 --config.loss.tri_avg=1.0 --config.loss.ce_max=0.0 --config.loss.soft_ce=0.0 --config.loss.soft_tri=0.0"
 )
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
+source experiments/launch.sh
 # Generate the larger world once, before parallel runs would all race to make it.
 $PY -c "from jaxreid.data import synthetic; print(synthetic.ensure_world(num_test_ids=350))"
-pids=()
 for seed in ${SEEDS:-1 2}; do
   for entry in "${runs[@]}"; do
     name=${entry%%|*}_s$seed; flags=${entry#*|}
     [[ -n "${ONLY:-}" && ! "$name" =~ ${ONLY} ]] && continue
-    cmd="$PY -m jaxreid.main $flags $big ${EXTRA:-} --config.seed=$seed --workdir=$out/$name"
-    echo "$cmd"
-    if [[ "${PARALLEL:-0}" == 1 ]]; then
-      $cmd > "$out/$name.log" 2>&1 &
-      pids+=($!)
-    else
-      $cmd 2>&1 | tee "$out/$name.log"
-    fi
+    # $flags / $EXTRA split into words on purpose (no flag value contains spaces).
+    launch "$name" "$out" $PY -m jaxreid.main $flags $big ${EXTRA:-} --config.seed=$seed \
+      --workdir=$out/$name
   done
 done
-for p in "${pids[@]}"; do wait "$p"; done
+wait_all
 $PY experiments/summarise.py "$out"

@@ -18,17 +18,10 @@ runs=(
   "mmt_bf16|--config=configs/mmt.py --config.model.dtype=bfloat16"
   "mmt_bf16_seed2|--config=configs/mmt.py --config.model.dtype=bfloat16 --config.seed=2"
 )
-pids=()
+source experiments/launch.sh
 for entry in "${runs[@]}"; do
   name=${entry%%|*}; flags=${entry#*|}
-  cmd="$PY -m jaxreid.main $flags --workdir=$out/$name"
-  echo "$cmd"
-  if [[ "${PARALLEL:-0}" == 1 ]]; then
-    $cmd > "$out/$name.log" 2>&1 &
-    pids+=($!)
-  else
-    $cmd 2>&1 | tee "$out/$name.log"
-  fi
+  launch "$name" "$out" $PY -m jaxreid.main $flags --workdir=$out/$name
 done
-for p in "${pids[@]}"; do wait "$p"; done
+wait_all
 $PY experiments/summarise.py "$out"
