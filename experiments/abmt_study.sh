@@ -20,13 +20,13 @@ runs=(
   # The two-branch network trained as the clustering baseline (CE + hard triplet on each branch,
   # averaged, no teacher terms): isolates the architecture from ABMT's objective.
   "abmt_net_baseline|--config=configs/abmt.py $kmeans --config.loss.ce=0.5 --config.loss.tri=0.5 --config.loss.soft_ce=0.0 --config.loss.soft_tri=0.0"
-  # Only the avg branch trained on pseudo-labels (its max branch only follows BN statistics).
   # Which view the EMA teacher sees: ABMT's teacher on a second view of its own (the reference
   # gives it the student's view), the mean-teacher baseline's teacher on the student's view (its
   # default is a second view).
   "abmt_otherview|--config=configs/abmt.py --config.train.teacher_views=(1,)"
   "mean_teacher|--config=configs/mean_teacher.py"
   "mean_teacher_sameview|--config=configs/mean_teacher.py --config.train.teacher_views=(0,)"
+  # Only the avg branch trained on pseudo-labels (its max branch only follows BN statistics).
   "abmt_avg_only|--config=configs/abmt.py $kmeans --config.loss.ce_avg=1.0 --config.loss.tri_avg=1.0 --config.loss.ce_max=0.0 --config.loss.soft_ce=0.0 --config.loss.soft_tri=0.0"
 )
 source experiments/launch.sh

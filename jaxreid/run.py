@@ -565,8 +565,13 @@ def method_spec(config) -> train_lib.MethodSpec:
   its own (the reference: the student's view) and `(0,)` gives the mean-teacher baseline's
   teacher the student's view (default: a second view)."""
   spec = train_lib.METHODS[config.method]
-  views = tuple(config.train.get('teacher_views') or ())
+  views = _teacher_views(config)
   return dataclasses.replace(spec, teacher_views=views) if views else spec
+
+
+def _teacher_views(config) -> tuple:
+  """`config.train.teacher_views` as a tuple; () = the method's own views."""
+  return tuple(config.train.get('teacher_views') or ())
 
 
 def source_models(config, source, target, workdir, mesh, initial) -> list[dict]:
@@ -632,7 +637,7 @@ def validate_config(config) -> None:
         "method 'abmt' needs model.arch='abmt'")
   check(config.train.epochs >= 0 and config.train.iters > 0, 'train.iters', 'must be positive')
   check(0.0 <= config.cluster.lam < 1.0, 'cluster.lam', 'must be in [0, 1)')
-  views = tuple(config.train.get('teacher_views') or ())
+  views = _teacher_views(config)
   if views:
     spec = train_lib.METHODS.get(config.method)
     check(spec is not None and spec.ema, 'train.teacher_views',
