@@ -54,7 +54,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-FORMATS = ('auto', 'torchvision', 'ibn', 'mmt', 'abmt')
+FORMATS = ('auto', 'torchvision', 'ibn', 'mmt', 'abmt', 'torchreid', 'mobilenetv2',
+           'mobilenetv2_flat')
+# Which backbone each checkpoint format holds.
+FORMAT_BACKBONE = {'torchreid': 'osnet', 'mobilenetv2': 'mobilenetv2',
+                   'mobilenetv2_flat': 'mobilenetv2'}
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -378,6 +382,12 @@ def extract_state_dict(obj) -> dict[str, np.ndarray]:
 
 def detect_format(state_dict: Mapping[str, Any]) -> str:
   keys = list(state_dict)
+  if 'conv2.0.conv1.conv.weight' in state_dict:
+    return 'torchreid'
+  if 'features.1.conv.0.0.weight' in state_dict:
+    return 'mobilenetv2'
+  if 'features.1.conv.0.weight' in state_dict and 'features.18.0.weight' in state_dict:
+    return 'mobilenetv2_flat'
   if any(k.startswith(('global_branch.', 'max_branch.')) for k in keys):
     return 'abmt'
   if any(k.startswith('base.') for k in keys):
@@ -387,7 +397,43 @@ def detect_format(state_dict: Mapping[str, Any]) -> str:
   if 'conv1.weight' in state_dict:
     return 'torchvision'
   raise ConversionError('cannot recognise the checkpoint layout (no conv1.weight / base.* / '
-                        f'global_branch.* keys); first keys: {keys[:5]}')
+                        'global_branch.* / torchreid OSNet / torchvision MobileNetV2 keys); '
+                        f'first keys: {keys[:5]}')
+
+
+def checkpoint_backbone(state_dict: Mapping[str, Any], fmt: str) -> str:
+  """The `config.model.backbone` value a checkpoint of format `fmt` needs (OSNet's width is read
+  off its first conv)."""
+  kind = FORMAT_BACKBONE.get(fmt, 'resnet')
+  if kind != 'osnet':
+    return kind
+  from jaxreid import osnet
+  c0 = int(np.shape(state_dict['conv1.conv.weight'])[0])
+  for name, channels in osnet.CHANNELS.items():
+    if channels[0] == c0:
+      return name
+  raise ConversionError(f'torchreid OSNet with {c0} stem channels matches none of '
+                        f'{sorted(osnet.CHANNELS)}')
+
+
+def _twin_key(path, fmt: str) -> str | None:
+  """torch key of an OSNet / MobileNetV2 variable path (collection, top, *modules, leaf), or
+  None for what the checkpoint cannot hold (ABMT's extra block and max-branch head, necks and
+  classifiers of ImageNet backbones): those are freshly initialised. ABMT's max branch takes a
+  copy of the last stage (as ABMT copies ResNet's layer4)."""
+  from jaxreid import mobilenetv2, osnet
+  _, top, *mid, leaf = path
+  leaf = _LEAF_NAMES[leaf]
+  if top == 'max_branch' and mid[0] == 'extra':
+    return None
+  if fmt == 'torchreid':
+    if top in ('backbone', 'avg_branch', 'max_branch', 'neck', 'avg_neck', 'max_neck'):
+      return '.'.join([osnet.torch_name(m) for m in mid] + [leaf])
+    return 'classifier.weight' if top in ('classifier', 'avg_classifier') else None
+  if top in ('backbone', 'avg_branch', 'max_branch'):
+    layout = 'flat' if fmt == 'mobilenetv2_flat' else 'modern'
+    return f'{mobilenetv2.torch_module(mid, layout)}.{leaf}'
+  return None
 
 
 def _base_layer1_index(state_dict) -> int:
@@ -470,6 +516,8 @@ def _transform(value: np.ndarray, leaf: str) -> np.ndarray:
 
 
 def _describe(model) -> str:
+  if model.backbone != 'resnet':
+    return f'{type(model).__name__}(backbone={model.backbone}, num_classes={model.num_classes})'
   return (f'{type(model).__name__}(depth={model.depth}, width={model.width}, ibn={model.ibn}, '
           f'num_classes={model.num_classes})')
 
@@ -510,6 +558,16 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model, fmt: str = '
   if fmt == 'abmt' and not is_abmt:
     raise ConversionError("this is an ABMT checkpoint (format 'abmt'): convert it with "
                           '--arch abmt (ABMTNet)')
+  twin = fmt in FORMAT_BACKBONE
+  kind = FORMAT_BACKBONE.get(fmt, 'resnet')
+  if kind != model.backbone.split('_')[0]:
+    need = checkpoint_backbone(state_dict, fmt)
+    raise ConversionError(f'this is a {fmt} checkpoint, which needs backbone {need!r} (e.g. '
+                          f'--backbone {need}); the model has backbone {model.backbone!r}')
+  if twin and kind == 'osnet' and checkpoint_backbone(state_dict, fmt) != model.backbone:
+    need = checkpoint_backbone(state_dict, fmt)
+    raise ConversionError(f'this torchreid checkpoint is {need}, the model is {model.backbone}: '
+                          f'use backbone {need!r}')
   layer1 = _base_layer1_index(state_dict) if fmt in ('mmt', 'abmt') else 0
 
   target = traverse_util.flatten_dict(models.abstract_variables(model, 64, 64))
@@ -517,13 +575,16 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model, fmt: str = '
   neck_prefixes = set()
   for path, spec in sorted(target.items()):
     collection, top, *mid, leaf = path
-    rest = '.'.join(filter(None, [_torch_module_name(mid), _LEAF_NAMES[leaf]]))
-    key = _source_key(top, rest, fmt, is_abmt, layer1)
+    if twin:
+      key = _twin_key(path, fmt)
+    else:
+      rest = '.'.join(filter(None, [_torch_module_name(mid), _LEAF_NAMES[leaf]]))
+      key = _source_key(top, rest, fmt, is_abmt, layer1)
     is_classifier = top.endswith('classifier')
     if key is not None and key in state_dict:
       consumed.add(key)
       value = _transform(state_dict[key], leaf)
-      if top.endswith('neck'):
+      if top.endswith('neck') and not twin:
         neck_prefixes.add(key.rsplit('.', 1)[0])
       if is_classifier:
         if value.shape[0] != spec.shape[0] or value.shape[1] > spec.shape[1]:
@@ -559,7 +620,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model, fmt: str = '
     if k in consumed:
       continue
     if k.endswith('num_batches_tracked') or (fmt in ('torchvision', 'ibn') and
-                                             k in ('fc.weight', 'fc.bias')):
+                                             k in ('fc.weight', 'fc.bias')) or (
+        twin and k.startswith('classifier.')):
+      # ImageNet heads, and torchreid's classifier bias (jaxreid classifiers have none; a
+      # source classifier is replaced by cluster centroids at adaptation anyway)
       ignored.append(k)
     else:
       unexpected.append(f'{k} {tuple(state_dict[k].shape)}')

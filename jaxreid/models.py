@@ -38,8 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreid import mobilenetv2, osnet
+from jaxreid.layers import (BatchNorm, Dtype, InstanceNorm, bn_scale_init_abmt, classifier_init,
+                            conv2d, conv_init_fan_in, conv_init_fan_out, l2_normalize)
+from jaxreid.layers import to_dtype as _to_dtype
+
 Array = jax.Array
-Dtype = Any
 
 # depth -> (block type, blocks per stage)
 RESNET_SPECS = {
@@ -52,121 +56,6 @@ RESNET_SPECS = {
 _EXPANSION = {'basic': 1, 'bottleneck': 4}
 POOLINGS = ('avg', 'max', 'gem')
 GEM_P = 3.0  # fixed (not learned) GeM exponent; no reference run uses GeM
-
-# torchvision's ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
-conv_init_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# ABMT's extra bottleneck (`weights_init_kaiming`): kaiming_normal_(a=0, mode='fan_in').
-conv_init_fan_in = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
-classifier_init = nn.initializers.normal(stddev=0.001)
-
-
-def bn_scale_init_abmt(key, shape, dtype=jnp.float32):
-  """ABMT's extra bottleneck: BN weights ~ N(1, 0.02) (`weights_init_kaiming`)."""
-  return (1.0 + 0.02 * jax.random.normal(key, shape)).astype(dtype)
-
-
-def _to_dtype(dtype) -> Dtype:
-  if isinstance(dtype, str):
-    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16,
-            'fp32': jnp.float32, 'bf16': jnp.bfloat16}[dtype]
-  return dtype
-
-
-def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
-  """`torch.nn.functional.normalize`: x / max(||x||, eps)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
-
-
-# ----------------------------------------------------------------------------------------------
-# Normalisation layers
-
-
-class BatchNorm(nn.Module):
-  """PyTorch-equivalent BatchNorm over all axes but the last (works for NHWC and (B, D)).
-
-  Differences from `flax.linen.BatchNorm`, all needed for parity with the reference:
-  * the running variance is updated with the *unbiased* batch variance (n / (n - 1)), as PyTorch;
-  * statistics are computed in float32 (two-pass variance) whatever the compute dtype;
-  * `group_size` G > 0 normalises consecutive groups of G images with their own statistics.
-    This reproduces the reference's 4-GPU `nn.DataParallel`, where every BN replica saw a
-    16-image chunk of the 64-image batch. The running statistics are then updated with the mean
-    over groups of the group statistics (the reference kept only GPU 0's replica, i.e. the first
-    chunk's; averaging is the less noisy choice and equal in expectation).
-    G = 0 uses the whole batch: under `jit` over a device mesh that is the *global* batch, so the
-    result does not depend on the number of devices.
-
-  Variables: params `scale` (and `bias` unless `use_bias=False`), batch_stats `mean`, `var`.
-  """
-  use_running_average: bool = False
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  scale_init: Callable = nn.initializers.ones
-  group_size: int = 0
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    c = x.shape[-1]
-    scale = self.param('scale', self.scale_init, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32) if self.use_bias else None
-    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
-    x32 = x.astype(jnp.float32)
-
-    if self.use_running_average:
-      y = (x32 - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon))
-      if bias is not None:
-        y = y + bias
-      return y.astype(self.dtype)
-
-    b = x.shape[0]
-    g = self.group_size
-    if g and g < b:
-      if b % g:
-        raise ValueError(f'BatchNorm: batch size {b} is not a multiple of norm_group_size {g}')
-      xg = x32.reshape((b // g, g) + x.shape[1:])
-    else:
-      xg = x32[None]
-    axes = tuple(range(1, xg.ndim - 1))
-    n = math.prod(xg.shape[1:-1])
-    if n < 2:
-      raise ValueError('BatchNorm: expected more than 1 value per channel in training mode '
-                       f'(input shape {x.shape}, norm_group_size {g})')
-    mean = jnp.mean(xg, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)  # biased, used to normalise
-    y = (xg - mean) * (scale * jax.lax.rsqrt(var + self.epsilon))
-    if bias is not None:
-      y = y + bias
-    y = y.reshape(x.shape)
-
-    if not self.is_initializing():
-      group_mean = mean.reshape(-1, c).mean(axis=0)
-      group_var = var.reshape(-1, c).mean(axis=0) * (n / (n - 1))  # unbiased, as PyTorch
-      m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1.0 - m) * group_mean
-      ra_var.value = m * ra_var.value + (1.0 - m) * group_var
-    return y.astype(self.dtype)
-
-
-class InstanceNorm(nn.Module):
-  """`nn.InstanceNorm2d(affine=True)`: per-image, per-channel statistics, also at eval time."""
-  epsilon: float = 1e-5
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    axes = tuple(range(1, x.ndim - 1))
-    mean = jnp.mean(x32, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
-
 
 class IBN(nn.Module):
   """IBN-a: first `planes // 2` channels InstanceNorm (`IN`), the rest BatchNorm (`BN`)."""
@@ -186,12 +75,6 @@ class IBN(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Residual blocks
-
-
-def _conv(features, kernel, stride, pad, dtype, init, name):
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=init, name=name)
 
 
 class ResidualBlock(nn.Module):
@@ -215,7 +98,7 @@ class ResidualBlock(nn.Module):
                        group_size=self.norm_group_size, scale_init=self.bn_scale_init)
 
     def conv(features, kernel, stride, pad, name):
-      return _conv(features, kernel, stride, pad, self.dtype, self.kernel_init, name)
+      return conv2d(features, kernel, stride, pad, self.dtype, self.kernel_init, name)
 
     if self.ibn:
       norm1 = IBN(self.planes, use_running_average=not train, dtype=self.dtype,
@@ -257,7 +140,7 @@ class ResNetTrunk(nn.Module):
     block, counts = RESNET_SPECS[self.depth]
     x = x.astype(self.dtype)
     if 0 in self.stages:
-      x = _conv(self.width, 7, 2, 3, self.dtype, conv_init_fan_out, 'conv1')(x)
+      x = conv2d(self.width, 7, 2, 3, self.dtype, conv_init_fan_out, 'conv1')(x)
       x = BatchNorm(use_running_average=not train, dtype=self.dtype,
                     group_size=self.norm_group_size, name='bn1')(x)
       if self.stem_relu:
@@ -308,8 +191,13 @@ def _classifier(name, num_classes):
                   param_dtype=jnp.float32, name=name)
 
 
+BACKBONES = ('resnet', 'mobilenetv2') + tuple(osnet.CHANNELS)
+
+
 def _check_fields(m):
-  if m.depth not in RESNET_SPECS:
+  if m.backbone not in BACKBONES:
+    raise ValueError(f'unknown backbone {m.backbone!r}; choose from {BACKBONES}')
+  if m.backbone == 'resnet' and m.depth not in RESNET_SPECS:
     raise ValueError(f'unsupported ResNet depth {m.depth}; choose from {sorted(RESNET_SPECS)}')
   if m.pooling not in POOLINGS:
     raise ValueError(f'pooling must be one of {POOLINGS}, got {m.pooling!r}')
@@ -318,7 +206,12 @@ def _check_fields(m):
 
 
 class _ReIDFields(nn.Module):
-  """The fields every re-ID network shares (design.md); subclasses add `__call__`."""
+  """The fields every re-ID network shares (design.md); subclasses add `__call__`.
+
+  `backbone`: 'resnet' (`depth`, `width`, `ibn`, `stem_relu` apply), 'osnet_x1_0' ..
+  'osnet_x0_25' (torchreid's OSNet), 'mobilenetv2' (torchvision's, width 1.0). `last_stride`
+  applies to ResNet's layer4 and MobileNetV2's features[14] (OSNet has no stride there)."""
+  backbone: str = 'resnet'
   depth: int = 50
   width: int = 64
   ibn: bool = False
@@ -330,24 +223,53 @@ class _ReIDFields(nn.Module):
   dtype: Dtype = jnp.float32
   norm_group_size: int = 0
 
+  def trunk(self, name: str, stages: Sequence[int] | None = None, extra: bool = False):
+    """The backbone module for `stages` (None: all), optionally with ABMT's extra block."""
+    dtype = _to_dtype(self.dtype)
+    if self.backbone == 'resnet':
+      return ResNetTrunk(self.depth, self.width, self.ibn,
+                         self.ibn if self.stem_relu is None else self.stem_relu,
+                         self.last_stride, dtype, self.norm_group_size,
+                         stages=tuple(range(5)) if stages is None else stages,
+                         extra_bottleneck=extra, name=name)
+    if self.backbone == 'mobilenetv2':
+      return mobilenetv2.MobileNetV2Trunk(
+          self.last_stride, dtype, self.norm_group_size,
+          stages=tuple(range(5)) if stages is None else stages, extra_block=extra, name=name)
+    return osnet.OSNetTrunk(self.backbone, dtype, self.norm_group_size,
+                            stages=tuple(range(4)) if stages is None else stages,
+                            extra_block=extra, name=name)
+
+  def head(self, name: str, f: Array, train: bool):
+    """Pooled feature -> (features for triplet losses, neck output for the classifier and
+    evaluation). ResNet / MobileNetV2: f and BN(f) (bias-free BN neck); OSNet: torchreid's
+    fc Linear output and BN + ReLU of it (`osnet.OSNetEmbedding`)."""
+    if self.backbone.startswith('osnet'):
+      return osnet.OSNetEmbedding(self.norm_group_size, name=name)(f, train)
+    return f, _neck(name, train, self.norm_group_size)(f)
+
+
+def branch_stage(backbone: str) -> int:
+  """The last stage, which ABMT duplicates per branch (ResNet: layer4)."""
+  if backbone.startswith('osnet'):
+    return osnet.BRANCH_STAGE
+  return mobilenetv2.BRANCH_STAGE if backbone == 'mobilenetv2' else 4
+
 
 class ReIDNet(_ReIDFields):
-  """Backbone + re-ID head (method.md section 1).
+  """Backbone + re-ID head (docs/reference.md, "Networks").
 
-  train=True  -> {'features': f (B, D) pre-BN float32, 'logits': z (B, num_classes) float32}
+  train=True  -> {'features': f (B, D) pre-neck float32, 'logits': z (B, num_classes) float32}
                  (apply with `mutable=['batch_stats']`, rng 'dropout' if dropout > 0)
-  train=False -> (B, D) float32 L2-normalised post-BN feature.
+  train=False -> (B, D) float32 L2-normalised neck output.
   `num_classes` is a fixed maximum width; inactive rows are masked by the losses (`class_mask`).
   """
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False):
     _check_fields(self)
-    stem_relu = self.ibn if self.stem_relu is None else self.stem_relu
-    fmap = ResNetTrunk(self.depth, self.width, self.ibn, stem_relu, self.last_stride,
-                       _to_dtype(self.dtype), self.norm_group_size, name='backbone')(x, train)
-    f = global_pool(fmap, self.pooling)
-    bn_f = _neck('neck', train, self.norm_group_size)(f)
+    fmap = self.trunk('backbone')(x, train)
+    f, bn_f = self.head('neck', global_pool(fmap, self.pooling), train)
     if not train and not self.is_initializing():
       return l2_normalize(bn_f)
     h = nn.Dropout(self.dropout, deterministic=not train)(bn_f) if self.dropout > 0 else bn_f
@@ -358,29 +280,25 @@ class ReIDNet(_ReIDFields):
 
 
 class ABMTNet(_ReIDFields):
-  """ABMT asymmetric-branch network (method.md section 1); same fields as ReIDNet.
+  """ABMT asymmetric-branch network (docs/reference.md, "Networks"); same fields as ReIDNet.
 
-  Shared trunk stem..layer3 (`backbone`); branch avg = `avg_branch` (layer4) -> average pooling ->
-  `avg_neck` -> `avg_classifier`; branch max = `max_branch` (separate layer4 copy + `extra`
-  bottleneck) -> max pooling -> `max_neck` -> `max_classifier`. `pooling` is ignored (fixed
-  avg / max per branch).
+  Shared trunk = every stage but the last (`backbone`); branch avg = `avg_branch` (the last
+  stage) -> average pooling -> `avg_neck` -> `avg_classifier`; branch max = `max_branch` (a
+  separate copy of the last stage + the `extra` block) -> max pooling -> `max_neck` ->
+  `max_classifier`. `pooling` is ignored (fixed avg / max per branch).
   train=True  -> {'avg/features', 'avg/logits', 'max/features', 'max/logits'} (float32)
-  train=False -> (B, 2D) concat of the post-BN features [avg, max], jointly L2-normalised.
+  train=False -> (B, 2D) concat of the neck outputs [avg, max], jointly L2-normalised.
   """
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False):
     _check_fields(self)
-    stem_relu = self.ibn if self.stem_relu is None else self.stem_relu
-    dtype = _to_dtype(self.dtype)
-    kw = dict(depth=self.depth, width=self.width, ibn=self.ibn, stem_relu=stem_relu,
-              last_stride=self.last_stride, dtype=dtype, norm_group_size=self.norm_group_size)
-    t = ResNetTrunk(**kw, stages=(0, 1, 2, 3), name='backbone')(x, train)
-    fa = global_pool(ResNetTrunk(**kw, stages=(4,), name='avg_branch')(t, train), 'avg')
-    fm = global_pool(ResNetTrunk(**kw, stages=(4,), extra_bottleneck=True,
-                                 name='max_branch')(t, train), 'max')
-    bn_a = _neck('avg_neck', train, self.norm_group_size)(fa)
-    bn_m = _neck('max_neck', train, self.norm_group_size)(fm)
+    last = branch_stage(self.backbone)
+    t = self.trunk('backbone', stages=tuple(range(last)))(x, train)
+    fa, bn_a = self.head('avg_neck', global_pool(self.trunk('avg_branch', (last,))(t, train),
+                                                 'avg'), train)
+    fm, bn_m = self.head('max_neck', global_pool(
+        self.trunk('max_branch', (last,), extra=True)(t, train), 'max'), train)
     if not train and not self.is_initializing():
       return l2_normalize(jnp.concatenate([bn_a, bn_m], axis=-1))
     if self.dropout > 0:
@@ -399,7 +317,7 @@ class ABMTNet(_ReIDFields):
 # Helpers
 
 
-MODEL_FIELDS = ('depth', 'width', 'ibn', 'stem_relu', 'last_stride', 'pooling', 'num_classes',
+MODEL_FIELDS = ('backbone', 'depth', 'width', 'ibn', 'stem_relu', 'last_stride', 'pooling', 'num_classes',
                 'dropout', 'dtype', 'norm_group_size')
 # Keys a model config may carry that are not model fields (used by other modules).
 _NON_MODEL_KEYS = ('arch', 'pretrained', 'pretrained_path', 'weights', 'init_checkpoint')
@@ -432,7 +350,12 @@ def create_model(config=None, **kwargs) -> nn.Module:
 
 
 def feature_dim(model) -> int:
-  """Channels of the final feature map (D): 8 * width * expansion (2048 for ResNet-50)."""
+  """Dimension D of one branch's eval feature: ResNet 8 * width * expansion (2048 for
+  ResNet-50), OSNet 512 (its fc), MobileNetV2 1280."""
+  if model.backbone.startswith('osnet'):
+    return osnet.FEATURE_DIM
+  if model.backbone == 'mobilenetv2':
+    return mobilenetv2.FEATURE_DIM
   block, _ = RESNET_SPECS[model.depth]
   return 8 * model.width * _EXPANSION[block]
 
@@ -513,6 +436,8 @@ def init_variables(model, seed: int = 0, example=None, paths=None) -> dict:
       value = np.ones(shape) if leaf == 'var' else np.zeros(shape)
     elif leaf == 'kernel' and top.endswith('classifier'):
       value = rng.normal(0.0, 0.001, shape)
+    elif leaf == 'kernel' and len(shape) == 2:  # OSNet's fc Linear (torchreid: N(0, 0.01))
+      value = rng.normal(0.0, 0.01, shape)
     elif leaf == 'kernel':
       kh, kw, cin, cout = shape
       fan = kh * kw * (cin if extra else cout)
