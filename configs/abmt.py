@@ -18,6 +18,8 @@ def get_config(arg: str = ''):
   # 0, e.g. --config.loss.soft_tri=0.0 (see jaxreid.objectives.weight_names('abmt')).
   if task in ('market2duke', 'duke2market', 'market2msmt', 'duke2msmt'):
     c.pretrain.iters = 200  # ABMT pre-trains 80 x 200 iterations
+  if task == 'msmt2market':  # no MSMT17 images here to mix in: ABMT's source-free setting
+    c.cluster.lam = 0.0
   if 'unsupervised' in options:
     c.cluster.lam = 0.0
     c.init.skip_pretrain = True

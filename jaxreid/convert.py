@@ -659,12 +659,46 @@ def save_converted(path: str, variables: Mapping) -> None:
   os.replace(tmp, path)
 
 
-def load_converted(path: str, model=None) -> dict:
-  """Reads `save_converted`'s file. With `model`, checks every variable's path and shape."""
+def is_torch_file(path: str) -> bool:
+  """A `torch.save` file: a zip (torch >= 1.6) or a legacy pickle (PROTO opcode 0x80 first;
+  the project's msgpack of {params, batch_stats} starts with 0x82, a two-entry map)."""
+  if zipfile.is_zipfile(path):
+    return True
+  with open(path, 'rb') as f:
+    return f.read(1) == b'\x80'
+
+
+def load_weights(path: str, model, *, key: str = 'weights', drop_classifier: bool = False) -> dict:
+  """Variables for `model` from a `.msgpack` (`save_converted`) or a PyTorch file (any format
+  `convert_state_dict` knows, converted on the fly, nothing executed). Every problem is one
+  `ConversionError` naming `key`, the file and what to do. `drop_classifier`: PyTorch
+  classifiers are left out (fresh rows) and a msgpack's classifier width is not checked."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise ConversionError(f'{key}={path!r} does not exist')
+  try:
+    if is_torch_file(path):
+      sd = extract_state_dict(load_torch_checkpoint(path))
+      if drop_classifier:
+        sd = {k: v for k, v in sd.items() if not k.split('.')[0].startswith('classifier')}
+      return convert_state_dict(sd, model)
+    return load_converted(path, model, check_classifier_width=not drop_classifier)
+  except (ConversionError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
+    raise ConversionError(f'{key}={path!r}: {e}') from None
+
+
+def load_converted(path: str, model=None, check_classifier_width: bool = True) -> dict:
+  """Reads `save_converted`'s file. With `model`, checks every variable's path and shape (the
+  classifiers' width too unless `check_classifier_width=False`)."""
   from flax import serialization, traverse_util
   with open(path, 'rb') as f:
-    variables = serialization.msgpack_restore(f.read())
-  if set(variables) - {'params', 'batch_stats'} or 'params' not in variables:
+    try:
+      variables = serialization.msgpack_restore(f.read())
+    except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
+      raise ConversionError(f'{path}: not a jaxreid .msgpack weight file nor a PyTorch file '
+                            f'({type(e).__name__}: {e})') from None
+  if (not isinstance(variables, dict) or set(variables) - {'params', 'batch_stats'}
+      or 'params' not in variables):
     raise ConversionError(f'{path}: expected a msgpack of {{params, batch_stats}}')
   if model is not None:
     from jaxreid import models
@@ -673,7 +707,8 @@ def load_converted(path: str, model=None) -> dict:
     missing = ['/'.join(p) for p in sorted(set(want) - set(have))]
     unexpected = ['/'.join(p) for p in sorted(set(have) - set(want))]
     misshaped = [f'{"/".join(p)}: {have[p].shape} vs {tuple(want[p].shape)}'
-                 for p in sorted(set(want) & set(have)) if have[p].shape != tuple(want[p].shape)]
+                 for p in sorted(set(want) & set(have)) if have[p].shape != tuple(want[p].shape)
+                 and (check_classifier_width or not p[1].endswith('classifier'))]
     if missing or unexpected or misshaped:
       raise ConversionError(f'{path} does not match {_describe(model)}:'
                             + _listing('missing', missing) + _listing('unexpected', unexpected)

@@ -87,13 +87,17 @@ def branch_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return tuple(h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12) for h in halves)
 
 
-def average_features(feature_sets: Sequence[np.ndarray]) -> np.ndarray:
-  """Mean of several networks' unit features, re-normalised (MMT clusters on its teachers'
-  average, as the reference does)."""
+def average_features(feature_sets: Sequence[np.ndarray], renormalize: bool) -> np.ndarray:
+  """Mean of several networks' unit features (MMT clusters on its two teachers' average).
+
+  The reference's K-means script clusters the plain mean `(f1 + f2) / 2`; its DBSCAN script
+  re-normalises the mean (docs/reference.md, "MMT"): `renormalize` chooses."""
   if len(feature_sets) == 1:
     return feature_sets[0]
   f = sum(np.asarray(x, np.float32) for x in feature_sets) / np.float32(len(feature_sets))
-  return (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+  if renormalize:
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+  return f.astype(np.float32)
 
 
 def coupling(role_features: Mapping[str, np.ndarray], *, two_branch: bool) -> dict[str, float]:

@@ -18,6 +18,7 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import os
+import pickle
 import re
 from typing import Any, Mapping, Sequence
 
@@ -28,6 +29,7 @@ from jaxreid import convert
 from jaxreid import features as features_lib
 from jaxreid import input_pipeline
 from jaxreid import models
+from jaxreid import osnet
 from jaxreid.data import DataError
 
 # Extensions tried when a folder is listed (a single file is tried whatever its name).
@@ -36,7 +38,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.
 # Without config.json or flags: the papers' input size.
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 256, 128
 # Shape-determining fields (the rest -- stem ReLU, last stride, pooling -- keep model defaults).
-ARCH_KEYS = ('arch', 'depth', 'width', 'ibn')
+ARCH_KEYS = ('arch', 'backbone', 'depth', 'width', 'ibn')
 _MARKET_NAME = re.compile(r'^(-?\d+)_c(\d+)')
 
 
@@ -65,11 +67,8 @@ def resolve_model_path(path: str) -> tuple[str, str | None]:
               if found else '; a finished run writes it (an unfinished one has only checkpoints)')
       raise InferenceError(f'{path} has no model.msgpack{hint}')
     return weights, find_config(weights)
-  lower = path.lower()
-  if lower.endswith(('.pth', '.pt', '.pth.tar', '.tar')):
-    raise InferenceError(f'{path} looks like a PyTorch checkpoint: convert it first, e.g. '
-                         f'`python -m jaxreid.convert --input {path} --output model.msgpack '
-                         '--arch resnet --depth 50`, and pass the .msgpack')
+  if convert.is_torch_file(path):  # converted on the fly (load_model); no jaxreid config
+    return path, None
   return path, find_config(path)
 
 
@@ -98,6 +97,12 @@ def guess_architecture(variables: Mapping) -> dict | None:
     params = variables['params']
     arch = 'abmt' if 'avg_branch' in params else 'resnet'
     trunk = params['backbone']
+    if 'features_0' in trunk:
+      return dict(arch=arch, backbone='mobilenetv2')
+    if 'conv2_0' in trunk:
+      c0 = int(np.shape(trunk['conv1']['conv']['kernel'])[-1])
+      backbone = next(n for n, c in osnet.CHANNELS.items() if c[0] == c0)
+      return dict(arch=arch, backbone=backbone)
     width = int(np.shape(trunk['conv1']['kernel'])[-1])
     counts = [0, 0, 0, 0]
     blocks = dict(trunk)
@@ -114,10 +119,12 @@ def guess_architecture(variables: Mapping) -> dict | None:
     ibn = 'IN' in trunk['layer1_0']['bn1']
   except (KeyError, TypeError, StopIteration, IndexError):
     return None
-  return dict(arch=arch, depth=depth, width=width, ibn=bool(ibn))
+  return dict(arch=arch, backbone='resnet', depth=depth, width=width, ibn=bool(ibn))
 
 
 def _flags_text(arch: Mapping) -> str:
+  if arch.get('backbone', 'resnet') != 'resnet':
+    return f'--arch={arch["arch"]} --backbone={arch["backbone"]}'
   return (f'--arch={arch["arch"]} --depth={arch["depth"]} --width={arch["width"]}'
           + (' --ibn' if arch.get('ibn') else ''))
 
@@ -150,10 +157,13 @@ class LoadedModel:
 
   def describe(self) -> str:
     m = self.model
-    name = 'ABMT' if isinstance(m, models.ABMTNet) else 'ResNet'
-    ibn = '-IBN-a' if m.ibn else ''
-    return (f'{name}{ibn}-{m.depth} (width {m.width}), input {self.height}x{self.width}, '
-            f'{self.feature_dim}-d features; architecture from {self.source}')
+    abmt = 'ABMT ' if isinstance(m, models.ABMTNet) else ''
+    if m.backbone == 'resnet':
+      net = f'{abmt}ResNet{"-IBN-a" if m.ibn else ""}-{m.depth} (width {m.width})'
+    else:
+      net = f'{abmt}{m.backbone}'
+    return (f'{net}, input {self.height}x{self.width}, {self.feature_dim}-d features; '
+            f'architecture from {self.source}')
 
   def extract(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """uint8 (N, H, W, 3) at the model's input size -> unit features (N, D) float32.
@@ -189,6 +199,8 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
   if unknown:
     raise ValueError(f'load_model: unknown overrides {sorted(unknown)}')
   weights_path, config_path = resolve_model_path(path)
+  if convert.is_torch_file(weights_path):
+    return _load_torch_model(weights_path, overrides)
   try:
     with open(weights_path, 'rb') as f:
       from flax import serialization
@@ -257,10 +269,34 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
                      source=source)
 
 
+def _load_torch_model(path: str, overrides: Mapping[str, Any]) -> LoadedModel:
+  """A PyTorch file (torchvision, torchreid, MMT, ABMT), converted in memory, nothing executed:
+  the architecture comes from its keys (torchreid OSNet width from its stem), flags override."""
+  try:
+    sd = convert.extract_state_dict(convert.load_torch_checkpoint(path))
+    fmt = convert.detect_format(sd)
+    model_cfg = dict(arch='abmt' if fmt == 'abmt' else 'resnet',
+                     backbone=convert.checkpoint_backbone(sd, fmt))
+    if model_cfg['backbone'] == 'mobilenetv2':
+      model_cfg['last_stride'] = 2  # torchvision's network as it is
+    model_cfg.update({k: v for k, v in overrides.items() if k in ARCH_KEYS})
+    sd = {k: v for k, v in sd.items() if not k.split('.')[0].startswith('classifier')}
+    model = models.create_model(model_cfg, num_classes=1)
+    variables = convert.convert_state_dict(sd, model, fmt)
+  except (convert.ConversionError, pickle.UnpicklingError, ValueError) as e:
+    raise InferenceError(f'cannot use the PyTorch file {path}: {e}') from None
+  height = int(overrides.get('height') or DEFAULT_HEIGHT)
+  width = int(overrides.get('img_width') or DEFAULT_WIDTH)
+  return LoadedModel(model=model, variables=variables, height=height, width=width,
+                     weights_path=path, config_path=None, config={},
+                     source=f'the PyTorch file\'s keys (format {fmt}, converted in memory)')
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
   """Architecture / input-size flags shared by the command lines (evaluate, search)."""
   g = p.add_argument_group('model overrides (replace config.json / what the weights imply)')
   g.add_argument('--arch', choices=('resnet', 'abmt'), default=None)
+  g.add_argument('--backbone', choices=models.BACKBONES, default=None)
   g.add_argument('--depth', type=int, default=None)
   g.add_argument('--width', type=int, default=None, help='network width (64 = standard ResNet)')
   g.add_argument('--ibn', action=argparse.BooleanOptionalAction, default=None,
@@ -271,7 +307,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def model_overrides(args) -> dict:
   """`add_model_flags`' values as `load_model` overrides (unset flags are None: ignored)."""
-  return dict(arch=args.arch, depth=args.depth, width=args.width, ibn=args.ibn,
+  return dict(arch=args.arch, backbone=args.backbone, depth=args.depth, width=args.width,
+              ibn=args.ibn,
               height=args.height, img_width=args.img_width)
 
 

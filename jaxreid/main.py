@@ -60,8 +60,9 @@ def main(argv):
   try:
     run.train_and_evaluate(config, workdir)
   except (ValueError, FileNotFoundError, run.NonFiniteLossError) as e:
+    from jaxreid.convert import ConversionError
     from jaxreid.data import DataError
-    if isinstance(e, (DataError, FileNotFoundError, run.NonFiniteLossError)) or \
+    if isinstance(e, (DataError, FileNotFoundError, run.NonFiniteLossError, ConversionError)) or \
         str(e).startswith('config.'):
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)

@@ -282,12 +282,14 @@ def network_features(embed_fn, state, spec, images: np.ndarray, batch_size: int,
   return out
 
 
-def clustering_features(role_features: dict, spec) -> np.ndarray:
-  """What the reference clusters: its teachers' features (averaged over MMT's two teachers), or
-  the student's without EMA."""
+def clustering_features(role_features: dict, spec, cluster_method: str) -> np.ndarray:
+  """What the reference clusters: its teachers' features (averaged over MMT's two teachers:
+  plainly for K-means, re-normalised for DBSCAN, as its two scripts do), or the student's
+  without EMA."""
   kind = 'teacher' if spec.ema else 'student'
   return features_lib.average_features(
-      [role_features[f'{kind}/{n}'] for n in train_lib.net_names(spec)])
+      [role_features[f'{kind}/{n}'] for n in train_lib.net_names(spec)],
+      renormalize=cluster_method == 'dbscan')
 
 
 def make_pseudo_labels(config, feats: np.ndarray, source_feats: np.ndarray | None, epoch: int,
@@ -360,12 +362,13 @@ def adapt(config, target: DecodedSet, source: DecodedSet | None, students: Seque
     current_features = None
     if epoch == 0 and with_coupling:  # the networks before adaptation
       writer.write(config.method, 0, features_lib.coupling(role_feats, two_branch=two_branch))
-    feats = clustering_features(role_feats, spec)
+    feats = clustering_features(role_feats, spec, cc.method)
     if cc.method == 'dbscan' and cc.lam > 0:
       if source is None:
         raise ValueError('config.cluster.lam > 0 (source mixing) needs a source data set')
       source_feats = clustering_features(network_features(
-          embed_fn, state, spec, source.train, config.data.eval_batch_size, students=False), spec)
+          embed_fn, state, spec, source.train, config.data.eval_batch_size, students=False), spec,
+          cc.method)
     labels, eps, info = make_pseudo_labels(config, feats, source_feats, epoch, eps, seed)
     stats = clustering.cluster_stats(labels, ds.train.pids)
     num_clusters = int(stats['num_clusters'])
@@ -496,8 +499,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log(f'[setup] {jax.device_count()} device(s): {jax.devices()[0].device_kind}; '
       f'work dir {os.path.abspath(workdir)}')
   h, w = config.data.height, config.data.width
-  needs_source = (config.method == 'pretrain' or not any(config.init.checkpoints)
-                  or (config.cluster.method == 'dbscan' and config.cluster.lam > 0))
+  pretrains = (config.method == 'pretrain' or not (any(config.init.checkpoints)
+                                                    or config.init.skip_pretrain))
+  needs_source = pretrains or (config.cluster.method == 'dbscan' and config.cluster.lam > 0)
   world = config.data.synthetic.to_dict()
   target = load_and_decode(config.data.target, dataset_root(config, 'target'), h, w,
                            synthetic=world)
@@ -546,17 +550,16 @@ def _classifier_key(variables) -> str:
 
 
 def load_initial(config) -> dict | None:
-  """Converted ImageNet (or other) weights to start from (`jaxreid.convert`), if configured."""
+  """The weights to start from (`config.init.pretrained`), if configured: a `.msgpack` of the
+  project's format or a PyTorch file (torchvision, IBN-Net, torchreid, MMT, ABMT), converted
+  here without executing anything from it. Classifiers are dropped (they are re-created for the
+  source identities or the clusters)."""
   path = config.init.pretrained
   if not path:
     return None
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'config.init.pretrained={path!r} does not exist. Convert PyTorch weights first, e.g. '
-        '`python -m jaxreid.convert --input resnet50.pth --output resnet50.msgpack`, '
-        'or leave it empty to start from random initialisation.')
   from jaxreid import convert
-  return convert.load_converted(path)
+  model = build_model(config, 1)
+  return convert.load_weights(path, model, key='config.init.pretrained', drop_classifier=True)
 
 
 def method_spec(config) -> train_lib.MethodSpec:
@@ -581,13 +584,10 @@ def source_models(config, source, target, workdir, mesh, initial) -> list[dict]:
   if paths:
     if len(paths) < spec.num_students:
       paths = paths * spec.num_students
-    out = []
-    for p in paths[:spec.num_students]:
-      if not os.path.exists(p):
-        raise FileNotFoundError(f'config.init.checkpoints: {p!r} does not exist')
-      from jaxreid import convert
-      out.append(convert.load_converted(p))
-    return out
+    from jaxreid import convert
+    model = build_model(config, 1)
+    return [convert.load_weights(p, model, key='config.init.checkpoints', drop_classifier=True)
+            for p in paths[:spec.num_students]]
   if config.init.get('skip_pretrain', False):
     if initial is None:
       raise ValueError('config.init.skip_pretrain needs config.init.pretrained weights')
@@ -609,7 +609,7 @@ def print_summary(config, summary: dict) -> None:
   lines = [title, '-' * len(title),
            f'{"model":32s} {"mAP":>6s} {"top1":>6s} {"top5":>6s} {"top10":>6s}']
   for name, r in summary.items():
-    if r:
+    if r and 'mAP' in r:
       lines.append(f'{name:32s} {r["mAP"]:6.1f} {r["top1"]:6.1f} {r["top5"]:6.1f} '
                    f'{r["top10"]:6.1f}')
   log('\n'.join(lines))
@@ -629,6 +629,8 @@ def validate_config(config) -> None:
         f'{d.batch_size} must be divisible by the number of devices ({jax.device_count()})')
   check(d.height > 0 and d.width > 0, 'data.height', 'image size must be positive')
   check(config.model.arch in ('resnet', 'abmt'), 'model.arch', "must be 'resnet' or 'abmt'")
+  check(config.model.get('backbone', 'resnet') in models.BACKBONES, 'model.backbone',
+        f'{config.model.get("backbone")!r} is not one of {models.BACKBONES}')
   check(config.model.dtype in ('float32', 'bfloat16'), 'model.dtype',
         "must be 'float32' or 'bfloat16'")
   check(config.cluster.method in ('kmeans', 'dbscan'), 'cluster.method',

@@ -62,9 +62,12 @@ def test_mean_teacher_and_clustering_baseline():
   assert features.coupling({'student/net1': s}, two_branch=False) == {}
 
 
-def test_average_features_is_the_normalised_mean():
+def test_average_features_plain_for_kmeans_renormalised_for_dbscan():
   a = np.array([[1.0, 0.0]], np.float32)
   b = np.array([[0.0, 1.0]], np.float32)
-  np.testing.assert_allclose(features.average_features([a, b]), [[2 ** -0.5, 2 ** -0.5]],
+  # The reference's K-means script: (f1 + f2) / 2; its DBSCAN script re-normalises.
+  np.testing.assert_allclose(features.average_features([a, b], renormalize=False), [[0.5, 0.5]],
                              rtol=1e-6)
-  assert features.average_features([a]) is a
+  np.testing.assert_allclose(features.average_features([a, b], renormalize=True),
+                             [[2 ** -0.5, 2 ** -0.5]], rtol=1e-6)
+  assert features.average_features([a], renormalize=True) is a

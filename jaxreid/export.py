@@ -1,0 +1,158 @@
+"""Export a jaxreid model back to PyTorch, for the tools that use torchreid / torchvision networks
+(trackers such as StrongSORT / BoxMOT ship a torchreid OSNet):
+
+  python -m jaxreid.export --model=WORKDIR --format=torchreid --out=osnet_adapted.pth
+  python -m jaxreid.export --model=WORKDIR --format=torchvision --out=mobilenetv2_adapted.pth
+
+torchreid (OSNet): the state dict of `torchreid.models.osnet_x0_25(num_classes=K)` (the variant
+and K are printed); `load_state_dict(..., strict=True)` accepts it and the network's eval output
+is jaxreid's feature before L2 normalisation (the classifier holds the cluster centroids, bias 0).
+torchvision (MobileNetV2): the state dict of `torchvision.models.mobilenet_v2(num_classes=1280)`
+whose classifier Linear is jaxreid's BN neck folded into a diagonal matrix and a bias, so
+`model(x)` is jaxreid's feature before L2 normalisation. A model trained with last stride 1 needs
+`model.features[14].conv[1][0].stride = (1, 1)` after loading (printed).
+An ABMT network exports one branch with `--branch=avg` (a plain OSNet / MobileNetV2; the max
+branch has an extra block no PyTorch twin has). Writing needs PyTorch installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from flax import traverse_util
+
+from jaxreid import convert, inference, models
+
+FORMATS = {'torchreid': 'osnet', 'torchvision': 'mobilenetv2'}
+
+
+class ExportError(ValueError):
+  """The model cannot be written in the requested format; the message says why and what to do."""
+
+
+def single_branch(variables: dict, branch: str) -> dict:
+  """ABMTNet variables -> the ReIDNet variables of one branch: shared trunk + that branch's last
+  stage, neck and classifier (only 'avg' has a plain twin: 'max' carries the extra block)."""
+  out = {}
+  for collection, tree in variables.items():
+    tree = dict(tree)
+    trunk = {**tree['backbone'], **tree[f'{branch}_branch']}
+    sub = {'backbone': trunk, 'neck': tree[f'{branch}_neck']}
+    if f'{branch}_classifier' in tree:
+      sub['classifier'] = tree[f'{branch}_classifier']
+    out[collection] = sub
+  return out
+
+
+def _torch_value(value: np.ndarray, leaf: str) -> np.ndarray:
+  """Inverse of `convert._transform`: Flax kernels back to PyTorch's layout."""
+  value = np.asarray(value, np.float32)
+  if leaf == 'kernel' and value.ndim == 4:
+    value = value.transpose(3, 2, 0, 1)  # (kh, kw, I, O) -> (O, I, kh, kw)
+  elif leaf == 'kernel' and value.ndim == 2:
+    value = value.T
+  return np.ascontiguousarray(value)
+
+
+def torch_state_dict(model, variables: dict, fmt: str) -> tuple[dict, list[str]]:
+  """(state dict of numpy arrays in the PyTorch network's key order-independent naming, notes
+  for the user) for a ReIDNet with an OSNet (fmt 'torchreid') or MobileNetV2 ('torchvision')
+  backbone."""
+  if isinstance(model, models.ABMTNet):
+    raise ExportError('an ABMT two-branch network has no single PyTorch twin: export its avg '
+                      'branch with --branch=avg')
+  kind = FORMATS.get(fmt)
+  if kind is None:
+    raise ExportError(f'unknown format {fmt!r}; choose from {sorted(FORMATS)}')
+  if model.backbone.split('_')[0] != kind:
+    have = [f for f, k in FORMATS.items() if model.backbone.startswith(k)]
+    raise ExportError(f'format {fmt} is for {kind} networks; this model is a {model.backbone}'
+                      + (f' (use --format={have[0]})' if have else
+                         ': ResNet models have no torchreid / torchvision export here (their '
+                         'head differs); use the .msgpack with jaxreid.evaluate / search'))
+  src_fmt = 'torchreid' if kind == 'osnet' else 'mobilenetv2'
+  flat = traverse_util.flatten_dict(variables)
+  sd, notes = {}, []
+  bn_prefixes = set()
+  for path, value in flat.items():
+    top, leaf = path[1], path[-1]
+    if kind == 'mobilenetv2' and top in ('neck', 'classifier'):
+      continue  # the neck is folded into the classifier below; the cluster classifier dropped
+    key = convert._twin_key(path, src_fmt)  # pylint: disable=protected-access
+    if key is None:
+      raise ExportError(f'{"/".join(path)} has no place in the {fmt} network')
+    if top == 'classifier':
+      value = np.asarray(value)  # (D, K) -> torch (K, D); bias 0 (jaxreid classifiers have none)
+      sd['classifier.bias'] = np.zeros(value.shape[1], np.float32)
+    if leaf in ('mean', 'var'):
+      bn_prefixes.add(key.rsplit('.', 1)[0])
+    sd[key] = _torch_value(value, leaf)
+  for prefix in bn_prefixes:
+    sd[f'{prefix}.num_batches_tracked'] = np.zeros((), np.int64)
+  if kind == 'osnet':
+    k = sd['classifier.weight'].shape[0]
+    notes.append(f'load with torchreid.models.build_model("{model.backbone}", num_classes={k}) '
+                 f'(or {model.backbone}(num_classes={k})), then load_state_dict(sd, strict=True)')
+  else:
+    scale = np.asarray(variables['params']['neck']['scale'], np.float64)
+    mean = np.asarray(variables['batch_stats']['neck']['mean'], np.float64)
+    var = np.asarray(variables['batch_stats']['neck']['var'], np.float64)
+    a = scale / np.sqrt(var + 1e-5)  # jaxreid's eval-mode neck: (x - mean) * a
+    sd['classifier.1.weight'] = np.diag(a).astype(np.float32)
+    sd['classifier.1.bias'] = (-mean * a).astype(np.float32)
+    notes.append(f'load with torchvision.models.mobilenet_v2(num_classes={a.size}), then '
+                 'load_state_dict(sd, strict=True); model(x) is the feature (the BN neck is '
+                 'the classifier Linear)')
+    if model.last_stride == 1:
+      notes.append('trained with last stride 1: after loading set '
+                   'model.features[14].conv[1][0].stride = (1, 1)')
+  notes.append('inputs: RGB, ImageNet mean/std normalised, the training size; L2-normalise the '
+               'output to get jaxreid\'s features')
+  return sd, notes
+
+
+def save_torch(path: str, state_dict: dict) -> None:
+  """`torch.save` of the tensors (written next to the target, then renamed: never half a file)."""
+  try:
+    import torch
+  except ImportError:
+    raise ExportError('writing a PyTorch file needs PyTorch: pip install torch') from None
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+  tmp = f'{path}.tmp'
+  torch.save(tensors, tmp)
+  os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog='python -m jaxreid.export',
+                              description=__doc__.split('\n')[0])
+  p.add_argument('--model', required=True, help='work dir of a finished run, or a .msgpack')
+  p.add_argument('--format', required=True, choices=sorted(FORMATS))
+  p.add_argument('--out', required=True, help='output PyTorch file (.pth)')
+  p.add_argument('--branch', choices=('avg',), default=None,
+                 help='ABMT networks: the branch to export')
+  args = p.parse_args(argv)
+  try:
+    loaded = inference.load_model(args.model)
+    model, variables = loaded.model, loaded.variables
+    if isinstance(model, models.ABMTNet) and args.branch:
+      variables = single_branch(variables, args.branch)
+      model = models.create_model({f: getattr(model, f) for f in models.MODEL_FIELDS})
+    sd, notes = torch_state_dict(model, variables, args.format)
+    if os.path.abspath(args.out) == os.path.abspath(loaded.weights_path):
+      raise ExportError('--out would overwrite the model itself; choose another file')
+    save_torch(args.out, sd)
+  except (ExportError, inference.InferenceError, convert.ConversionError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'{args.model} -> {args.out} ({args.format}, {model.backbone}, {len(sd)} tensors)')
+  for note in notes:
+    print(f'  {note}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

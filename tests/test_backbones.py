@@ -1,0 +1,268 @@
+"""OSNet and MobileNetV2: the fast depthwise convolution, parity with the PyTorch networks on
+real images and real published weights (../shared), export back to PyTorch, and bad input.
+
+The PyTorch references (tests/torch_reference.py) are plain torch modules with torchreid's and
+torchvision's exact state-dict layouts; torch is optional (skipped without it)."""
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxreid import convert, export, input_pipeline, layers, models
+
+SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
+WEIGHTS = SHARED / 'weights'
+MARKET_QUERY = SHARED / 'data' / 'market1501' / 'query'
+needs_shared = pytest.mark.skipif(not (WEIGHTS / 'osnet_x0_25_msmt17.pth').is_file()
+                                  or not MARKET_QUERY.is_dir(), reason='no ../shared')
+
+
+# ----------------------------------------------------------------------------------------------
+# Depthwise convolution
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_shifted_depthwise_equals_grouped_convolution_and_its_gradients(stride):
+  kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, 9, 7, 5))
+  k = jax.random.normal(kk, (3, 3, 1, 5))
+
+  def ref(x, k):  # the textbook definition: a grouped convolution, groups = channels
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        feature_group_count=5,
+                                        precision=jax.lax.Precision.HIGHEST)
+
+  def shifted(x, k):
+    return layers.depthwise_conv(x, k, stride, 1, impl='shifted')
+
+  y = shifted(x, k)
+  np.testing.assert_allclose(y, ref(x, k), atol=1e-5)
+  g = jax.random.normal(kg, y.shape)
+  grads = jax.grad(lambda x, k: jnp.sum(shifted(x, k) * g), argnums=(0, 1))(x, k)
+  grads_ref = jax.grad(lambda x, k: jnp.sum(ref(x, k) * g), argnums=(0, 1))(x, k)
+  for a, b in zip(grads, grads_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_depthwise_one_hand_computed_value():
+  # One channel, a 3x3 image 1..9, kernel with a single 1 at the top-left tap: with padding 1
+  # the output at (i, j) is the input at (i - 1, j - 1), zero outside.
+  x = jnp.arange(1.0, 10.0).reshape(1, 3, 3, 1)
+  k = jnp.zeros((3, 3, 1, 1)).at[0, 0, 0, 0].set(1.0)
+  y = layers.depthwise_conv(x, k, 1, 1, impl='shifted')[0, :, :, 0]
+  np.testing.assert_array_equal(y, [[0, 0, 0], [0, 1, 2], [0, 4, 5]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with PyTorch
+
+
+def _images(n=6):
+  paths = np.array(sorted(glob.glob(str(MARKET_QUERY / '*.jpg')))[:n])
+  return input_pipeline.decode_images(paths, 256, 128)
+
+
+def _torch_features(net, images):
+  import torch
+  x = np.asarray(input_pipeline.normalize(images))
+  with torch.no_grad():
+    out = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+  return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def _jax_features(model, variables, images):
+  return np.asarray(jax.jit(model.apply)(variables, input_pipeline.normalize(images)))
+
+
+def _randomise_bn_statistics(net, seed=0):
+  """Non-trivial running statistics, so that a mixed-up mean / var would show."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  for m in net.modules():
+    if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+      m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+      m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+      m.weight.data.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+      m.bias.data.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+  return net
+
+
+@needs_shared
+@pytest.mark.parametrize('arch', ['resnet', 'abmt'])
+def test_osnet_from_the_real_msmt17_checkpoint_matches_pytorch_on_real_images(arch):
+  torch = pytest.importorskip('torch')
+  import torch_reference as tr
+  path = WEIGHTS / 'osnet_x0_25_msmt17.pth'
+  net = tr.osnet_x0_25(num_classes=1041)
+  net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+  images = _images()
+  ref = _torch_features(net.eval(), images)
+  model = models.create_model(arch=arch, backbone='osnet_x0_25', num_classes=1041)
+  report = {}
+  variables = convert.convert_checkpoint(str(path), model, report=report)
+  assert report['format'] == 'torchreid'
+  feats = _jax_features(model, variables, images)
+  if arch == 'abmt':  # the avg branch is the checkpoint's network; the max branch copies its
+    # last stage, and only the extra block is new
+    feats = feats[:, :512] / np.linalg.norm(feats[:, :512], axis=1, keepdims=True)
+    p = variables['params']
+    np.testing.assert_array_equal(p['max_branch']['conv5']['conv']['kernel'],
+                                  p['avg_branch']['conv5']['conv']['kernel'])
+    assert {k.split('/')[2] for k in report['fresh'] if 'max_branch' in k} == {'extra'}
+  np.testing.assert_allclose(feats, ref, atol=1e-4)
+  # the checkpoint's classifier fills the first 1041 rows
+  np.testing.assert_allclose(
+      variables['params']['classifier' if arch == 'resnet' else 'avg_classifier']['kernel'],
+      net.classifier.weight.detach().numpy().T, atol=0)
+
+
+@needs_shared
+def test_mobilenetv2_imagenet_features_match_pytorch_on_real_images():
+  torch = pytest.importorskip('torch')
+  import torch_reference as tr
+  path = WEIGHTS / 'mobilenetv2_imagenet_features.pt'
+  net = tr.mobilenet_v2()
+  tr.load_legacy_features(net, torch.load(path, weights_only=True))
+  images = _images()
+  ref = _torch_features(lambda x: tr.features_forward(net.eval(), x), images)
+  model = models.create_model(backbone='mobilenetv2', last_stride=2, num_classes=8)
+  report = {}
+  variables = convert.convert_checkpoint(str(path), model, report=report)
+  assert report['format'] == 'mobilenetv2_flat'
+  # a fresh neck (mean 0, var 1) only scales by 1 / sqrt(1 + eps): no effect after normalising
+  np.testing.assert_allclose(_jax_features(model, variables, images), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize('variant', ['osnet_x0_5', 'osnet_x1_0'])
+def test_osnet_widths_convert_from_pytorch_state_dicts(variant):
+  torch = pytest.importorskip('torch')
+  import torch_reference as tr
+  torch.manual_seed(0)
+  net = _randomise_bn_statistics(getattr(tr, variant)(num_classes=7)).eval()
+  sd = {k: v.numpy() for k, v in net.state_dict().items()}
+  model = models.create_model(backbone=variant, num_classes=7)
+  variables = convert.convert_state_dict(sd, model)
+  images = np.random.default_rng(0).integers(0, 255, (2, 64, 32, 3), dtype=np.uint8)
+  np.testing.assert_allclose(_jax_features(model, variables, images),
+                             _torch_features(net, images), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export back to PyTorch
+
+
+def _trained_looking(model, seed=0):
+  """Variables with non-trivial values everywhere (BN statistics, neck, classifier)."""
+  variables = models.init_variables(model, seed)
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(variables)
+  for path, v in flat.items():
+    if path[-1] in ('scale', 'var'):
+      flat[path] = (0.6 + rng.random(v.shape)).astype(np.float32)
+    elif path[-1] in ('bias', 'mean'):
+      flat[path] = (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+  return traverse_util.unflatten_dict(flat)
+
+
+def test_export_osnet_round_trip_into_the_torchreid_network(tmp_path):
+  torch = pytest.importorskip('torch')
+  import torch_reference as tr
+  model = models.create_model(backbone='osnet_x0_25', num_classes=5)
+  variables = _trained_looking(model)
+  sd, notes = export.torch_state_dict(model, variables, 'torchreid')
+  export.save_torch(str(tmp_path / 'm.pth'), sd)
+  net = tr.osnet_x0_25(num_classes=5)
+  net.load_state_dict(torch.load(tmp_path / 'm.pth', weights_only=True), strict=True)
+  images = np.random.default_rng(1).integers(0, 255, (3, 64, 32, 3), dtype=np.uint8)
+  np.testing.assert_allclose(_torch_features(net.eval(), images),
+                             _jax_features(model, variables, images), atol=1e-4)
+  assert 'num_classes=5' in notes[0]
+  # and back again: the exported file converts to the same variables
+  again = convert.convert_checkpoint(str(tmp_path / 'm.pth'), model)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(variables)):
+    np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_export_mobilenetv2_folds_the_neck_and_keeps_last_stride_1(tmp_path):
+  torch = pytest.importorskip('torch')
+  import torch_reference as tr
+  model = models.create_model(backbone='mobilenetv2', last_stride=1, num_classes=5)
+  variables = _trained_looking(model)
+  sd, notes = export.torch_state_dict(model, variables, 'torchvision')
+  export.save_torch(str(tmp_path / 'm.pth'), sd)
+  net = tr.mobilenet_v2(num_classes=1280)
+  net.load_state_dict(torch.load(tmp_path / 'm.pth', weights_only=True), strict=True)
+  assert any('stride = (1, 1)' in n for n in notes)
+  tr.set_last_stride_1(net)
+  images = np.random.default_rng(2).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+  np.testing.assert_allclose(_torch_features(net.eval(), images),
+                             _jax_features(model, variables, images), atol=1e-4)
+
+
+def test_export_refuses_what_has_no_pytorch_twin():
+  resnet = models.create_model(depth=18, width=8, num_classes=3)
+  with pytest.raises(export.ExportError, match='ResNet models have no'):
+    export.torch_state_dict(resnet, models.init_variables(resnet), 'torchreid')
+  mbv2 = models.create_model(backbone='mobilenetv2', num_classes=3)
+  with pytest.raises(export.ExportError, match='use --format=torchvision'):
+    export.torch_state_dict(mbv2, {}, 'torchreid')
+  abmt = models.create_model(arch='abmt', backbone='osnet_x0_25', num_classes=3)
+  with pytest.raises(export.ExportError, match='--branch=avg'):
+    export.torch_state_dict(abmt, {}, 'torchreid')
+
+
+def test_abmt_avg_branch_exports_as_a_plain_osnet():
+  abmt = models.create_model(arch='abmt', backbone='osnet_x0_25', num_classes=3)
+  variables = _trained_looking(abmt)
+  plain = models.create_model(backbone='osnet_x0_25', num_classes=3)
+  branch = export.single_branch(variables, 'avg')
+  images = np.random.default_rng(3).integers(0, 255, (2, 64, 32, 3), dtype=np.uint8)
+  joint = _jax_features(abmt, variables, images)
+  # the avg half of the joint feature, normalised, is the single-branch network's feature
+  avg = joint[:, :512] / np.linalg.norm(joint[:, :512], axis=1, keepdims=True)
+  np.testing.assert_allclose(_jax_features(plain, branch, images), avg, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+@needs_shared
+def test_wrong_osnet_width_or_backbone_names_the_one_to_use():
+  path = str(WEIGHTS / 'osnet_x0_25_msmt17.pth')
+  with pytest.raises(convert.ConversionError, match="use backbone 'osnet_x0_25'"):
+    convert.load_weights(path, models.create_model(backbone='osnet_x0_5'), key='config.init.x')
+  with pytest.raises(convert.ConversionError, match=r"config.init.x=.*needs backbone"):
+    convert.load_weights(path, models.create_model(depth=18), key='config.init.x')
+
+
+def test_load_weights_refuses_garbage_and_malicious_files_in_one_line(tmp_path):
+  model = models.create_model(backbone='osnet_x0_25', num_classes=3)
+  junk = tmp_path / 'junk.pth'
+  junk.write_bytes(b'\x80\x02' + os.urandom(64))  # a pickle header, then noise
+  with pytest.raises(convert.ConversionError, match='junk.pth'):
+    convert.load_weights(str(junk), model, key='config.init.pretrained')
+  text = tmp_path / 'notes.msgpack'
+  text.write_text('hello')
+  with pytest.raises(convert.ConversionError, match='not a jaxreid .msgpack'):
+    convert.load_weights(str(text), model)
+  with pytest.raises(convert.ConversionError, match='does not exist'):
+    convert.load_weights(str(tmp_path / 'missing.pth'), model)
+
+
+def test_export_command_line_errors_are_one_line(tmp_path):
+  r = subprocess.run([sys.executable, '-m', 'jaxreid.export', f'--model={tmp_path}',
+                      '--format=torchreid', f'--out={tmp_path / "x.pth"}'],
+                     capture_output=True, text=True)
+  assert r.returncode == 2
+  assert r.stderr.strip().startswith('error:') and 'Traceback' not in r.stderr
+  assert not (tmp_path / 'x.pth').exists()
