@@ -1,4 +1,4 @@
-"""Defaults shared by every config: the papers' hyper-parameters (method.md section 3), shrunk
+"""Defaults shared by every config: the papers' hyper-parameters (docs/reference.md section 3), shrunk
 to the built-in synthetic world and a small ResNet so that a run with no arguments finishes on a
 2-core CPU in a few minutes. Task strings (e.g. `configs/mmt.py:duke2market`) switch to the real
 data sets, ResNet-50 at 256x128 and the papers' budgets.
@@ -209,6 +209,6 @@ def clustering_method_config(method: str, arg: str = '') -> ml_collections.Confi
 
 def use_dbscan(c: ml_collections.ConfigDict, task: str | None, rho: float = 1.6e-3,
                every_epoch: bool = False):
-  """DBSCAN on the k-reciprocal Jaccard distance; MMT fixes eps at epoch 0 (method.md s. 3)."""
+  """DBSCAN on the k-reciprocal Jaccard distance; MMT fixes eps at epoch 0 (docs/reference.md s. 3)."""
   c.cluster.update(dict(method='dbscan', rho=rho * RHO_SCALE.get(task, 1.0),
                         eps_every_epoch=every_epoch))

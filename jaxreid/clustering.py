@@ -1,6 +1,6 @@
 """Pseudo-labels for the target domain: K-means, DBSCAN on the sparse Jaccard graph, statistics.
 
-method.md section 3 (step 2 of each MMT / ABMT epoch): K-means with K = 500..2000, or DBSCAN
+docs/reference.md section 3 (step 2 of each MMT / ABMT epoch): K-means with K = 500..2000, or DBSCAN
 (min_samples 4, metric 'precomputed') on the k-reciprocal Jaccard distance of section 4 with eps
 taken as the mean of the smallest rho-fraction of pairwise distances (rho = 1.6e-3 fixed at epoch 0
 for MMT, 2e-3 re-estimated every epoch for ABMT). The reference works on a dense N x N matrix;
@@ -219,7 +219,7 @@ def _missing_implicit(graph: JaccardGraph, i, j, stored_keys):
 
 
 def estimate_eps(graph: JaccardGraph, rho: float) -> float:
-    """MMT's eps heuristic, exactly, from the sparse graph (method.md section 3).
+    """MMT's eps heuristic, exactly, from the sparse graph (docs/reference.md section 3).
 
     Dense reference: take the strict upper triangle of the distance matrix, drop entries equal to
     0, sort, eps = mean of the smallest round(rho * count). Here count = (stored non-zero upper
@@ -359,7 +359,7 @@ def relabel_contiguous(labels) -> np.ndarray:
 def centroids(features, labels, num_clusters: int | None = None) -> np.ndarray:
     """(num_clusters, D) float32 mean feature of each cluster; noise (-1) ignored, empty -> 0.
 
-    These become the classifier rows after L2 normalisation (method.md section 3, step 3).
+    These become the classifier rows after L2 normalisation (docs/reference.md section 3, step 3).
     """
     x = np.asarray(features, np.float32)
     labels = np.asarray(labels).astype(np.int64)

@@ -1,6 +1,6 @@
 """PyTorch checkpoint -> jaxreid variables, loaded without executing anything from the file.
 
-method.md section 1: the papers start from torchvision's ImageNet ResNet-50 and from the IBN-Net
+docs/reference.md section 1: the papers start from torchvision's ImageNet ResNet-50 and from the IBN-Net
 release `resnet50_ibn_a.pth.tar`; users download those (and the released MMT / ABMT models)
 themselves and convert them once into the project's own format (flax msgpack of
 `{'params', 'batch_stats'}`, no pickle):

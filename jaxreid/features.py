@@ -91,7 +91,7 @@ def average_features(feature_sets: Sequence[np.ndarray], renormalize: bool) -> n
   """Mean of several networks' unit features (MMT clusters on its two teachers' average).
 
   The reference's K-means script clusters the plain mean `(f1 + f2) / 2`; its DBSCAN script
-  re-normalises the mean (docs/reference.md, "MMT"): `renormalize` chooses."""
+  re-normalises the mean (docs/reference.md section 3): `renormalize` chooses."""
   if len(feature_sets) == 1:
     return feature_sets[0]
   f = sum(np.asarray(x, np.float32) for x in feature_sets) / np.float32(len(feature_sets))

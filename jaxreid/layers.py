@@ -1,7 +1,7 @@
 """Layers shared by every backbone: PyTorch-equivalent normalisation, convolutions with PyTorch's
 symmetric padding, a depthwise convolution that is fast on every backend, and initialisers.
 
-Parity with the PyTorch reference networks (docs/reference.md, "Backbones") needs PyTorch's
+Parity with the PyTorch reference networks (docs/reference.md section 8) needs PyTorch's
 BatchNorm (unbiased running variance, eps 1e-5, momentum 0.1) and its explicit symmetric padding
 (Flax 'SAME' pads asymmetrically for stride 2).
 """

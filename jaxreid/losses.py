@@ -1,4 +1,4 @@
-"""Pure loss functions of MMT and ABMT (method.md section 2).
+"""Pure loss functions of MMT and ABMT (docs/reference.md section 2).
 
 Every function here is a pure function of arrays: no Python control flow on values, so each one is
 safe under `jax.jit`, `jax.grad` and `jax.vmap`, and compiles once per input shape.

@@ -1,6 +1,6 @@
 """MobileNetV2 (Sandler et al., CVPR 2018) in torchvision's layout (width 1.0), so that
 torchvision's ImageNet `features` convert tensor for tensor and jaxreid models export back
-(docs/reference.md, "Backbones").
+(docs/reference.md section 8).
 
 Flax modules are named `features_<i>` after torchvision's `features[i]`: `features_0` (3x3/2 conv
 + BN + ReLU6), `features_1` .. `features_17` inverted residual blocks with children `expand`

@@ -1,6 +1,6 @@
 """ResNet / IBN-ResNet-a backbones, the re-ID head and ABMT's asymmetric two-branch network.
 
-Everything follows `method.md` section 1 (the reference PyTorch models of MMT and ABMT):
+Everything follows docs/reference.md section 1 (the reference PyTorch models of MMT and ABMT):
 
 * torchvision layout (ResNet v1.5: the stride of a bottleneck sits on its 3x3 conv), NHWC;
   PyTorch's symmetric explicit padding (Flax 'SAME' pads asymmetrically for stride 2, which would
@@ -163,7 +163,7 @@ class ResNetTrunk(nn.Module):
 
 def _extra_block(channels, dtype, norm_group_size, name=None):
   """ABMT's extra bottleneck (torchvision `Bottleneck(2048, 512)` at width 64): identity shortcut,
-  convs Kaiming-normal fan_in, BN scales ~ N(1, 0.02), biases 0 (method.md section 1)."""
+  convs Kaiming-normal fan_in, BN scales ~ N(1, 0.02), biases 0 (docs/reference.md section 1)."""
   return ResidualBlock(channels // 4, 'bottleneck', 1, dtype=dtype,
                        norm_group_size=norm_group_size, kernel_init=conv_init_fan_in,
                        bn_scale_init=bn_scale_init_abmt, name=name)
@@ -257,7 +257,7 @@ def branch_stage(backbone: str) -> int:
 
 
 class ReIDNet(_ReIDFields):
-  """Backbone + re-ID head (docs/reference.md, "Networks").
+  """Backbone + re-ID head (docs/reference.md section 1).
 
   train=True  -> {'features': f (B, D) pre-neck float32, 'logits': z (B, num_classes) float32}
                  (apply with `mutable=['batch_stats']`, rng 'dropout' if dropout > 0)
@@ -280,7 +280,7 @@ class ReIDNet(_ReIDFields):
 
 
 class ABMTNet(_ReIDFields):
-  """ABMT asymmetric-branch network (docs/reference.md, "Networks"); same fields as ReIDNet.
+  """ABMT asymmetric-branch network (docs/reference.md section 1); same fields as ReIDNet.
 
   Shared trunk = every stage but the last (`backbone`); branch avg = `avg_branch` (the last
   stage) -> average pooling -> `avg_neck` -> `avg_classifier`; branch max = `max_branch` (a
@@ -317,7 +317,8 @@ class ABMTNet(_ReIDFields):
 # Helpers
 
 
-MODEL_FIELDS = ('backbone', 'depth', 'width', 'ibn', 'stem_relu', 'last_stride', 'pooling', 'num_classes',
+MODEL_FIELDS = ('backbone', 'depth', 'width', 'ibn', 'stem_relu', 'last_stride', 'pooling',
+                'num_classes',
                 'dropout', 'dtype', 'norm_group_size')
 # Keys a model config may carry that are not model fields (used by other modules).
 _NON_MODEL_KEYS = ('arch', 'pretrained', 'pretrained_path', 'weights', 'init_checkpoint')
@@ -385,7 +386,7 @@ def _set_rows(kernel: Array, rows: Array) -> Array:
 def set_classifier_rows(params, centroids) -> Any:
   """Classifier rows 0..K-1 := L2-normalised centroids (K, D_eval), the other rows 0.
 
-  method.md section 3, step 3 (MMT) and ABMT's dynamic classifiers: for ABMTNet the centroid's
+  docs/reference.md section 3, step 3 (MMT) and ABMT's dynamic classifiers: for ABMTNet the centroid's
   first half (avg-branch feature) is normalised into `avg_classifier`, the second half into
   `max_classifier`. Accepts the `'params'` collection or a full variables dict containing it and
   returns the same structure (new dicts, inputs untouched); works under jit.

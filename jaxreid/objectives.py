@@ -7,7 +7,7 @@ keyword arguments. `compute_objective(terms, outputs)` evaluates them; the train
 the method, and every ablation of the MMT / ABMT papers is a change of weights (a weight of 0 drops
 the term, so it is not computed at all).
 
-Method formulas (method.md section 3), with the weight names accepted by `build_objective`:
+Method formulas (docs/reference.md section 3), with the weight names accepted by `build_objective`:
 
 * 'pretrain': ce + tri on student1. Weights: 'ce' (1.0), 'tri' (1.0).
 * 'mmt': for (i, j) in (1, 2), (2, 1)  (summed over both networks, as the reference does):

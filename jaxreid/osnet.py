@@ -1,6 +1,6 @@
 """OSNet (Zhou et al., "Omni-Scale Feature Learning for Person Re-Identification", ICCV 2019),
 laid out exactly as torchreid's `osnet_x1_0` .. `osnet_x0_25` so that torchreid checkpoints
-convert tensor for tensor and jaxreid models export back (docs/reference.md, "Backbones").
+convert tensor for tensor and jaxreid models export back (docs/reference.md section 8).
 
 Flax module names are torchreid's with `_` for the `.` before an index (`conv2_0/conv2b_1/conv1`
 is `conv2.0.conv2b.1.conv1`); `torch_name` maps one to the other. The trunk is cut into stages so

@@ -1,6 +1,6 @@
 """Retrieval: distances, the Market evaluation protocol, k-reciprocal Jaccard distance, re-ranking.
 
-Two parts (method.md sections 4 and 5):
+Two parts (docs/reference.md sections 4 and 5):
 
 * Evaluation (section 5): squared-Euclidean distances computed blockwise with JAX, then mAP and
   CMC (first match break) under the Market protocol, fully vectorised: instead of arg-sorting every
@@ -81,7 +81,7 @@ def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Distances (method.md section 5: squared Euclidean, 2 - 2cos on unit vectors)
+# Distances (docs/reference.md section 5: squared Euclidean, 2 - 2cos on unit vectors)
 # --------------------------------------------------------------------------------------------
 
 def full_dot_t(a, b):
@@ -124,7 +124,7 @@ def _iter_sqdist_blocks(query_features, gallery_features, block_size):
 def squared_distance(q, g, *, block_size: int = 2048) -> np.ndarray:
     """Squared Euclidean distances (Q, G) as a host float32 array.
 
-    |q|^2 + |g|^2 - 2 q.g, which is 2 - 2cos for unit vectors (method.md section 5). Computed with
+    |q|^2 + |g|^2 - 2 q.g, which is 2 - 2cos for unit vectors (docs/reference.md section 5). Computed with
     JAX (the accelerator when there is one) in blocks of query rows so the device only ever holds
     one (block_size, G) tile besides the gallery.
     """
@@ -137,7 +137,7 @@ def squared_distance(q, g, *, block_size: int = 2048) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation (method.md section 5)
+# Evaluation (docs/reference.md section 5)
 # --------------------------------------------------------------------------------------------
 
 def _monotone_keys(d: np.ndarray) -> np.ndarray:
@@ -272,7 +272,7 @@ def evaluate_distances(dist, q_pids, g_pids, q_camids, g_camids, *,
 
     Returns percentages: ``{'mAP', 'top1', 'top5', 'top10', 'num_valid_queries', 'num_queries'}``
     (one ``top{k}`` per entry of ``topk``). Gallery items with the query's identity *and* camera
-    are removed, queries without a remaining true match are skipped (method.md section 5); AP is
+    are removed, queries without a remaining true match are skipped (docs/reference.md section 5); AP is
     the cumulative-sum average precision over the ranked valid gallery (equal to sklearn's
     ``average_precision_score`` when there are no ties). Vectorised, blocked over queries.
     """
@@ -301,11 +301,11 @@ def _protocol_metrics(blocks, nq, ng, q_pids, g_pids, q_camids, g_camids, topk) 
 def evaluate(query_features, gallery_features, q_pids, g_pids, q_camids, g_camids, *,
              topk: Sequence[int] = (1, 5, 10), rerank: bool = False, k1: int = 20, k2: int = 6,
              lam: float = 0.3, square_distances: bool = True, block_size: int = 1024) -> dict:
-    """Evaluate features under the Market protocol (method.md section 5); values in percent.
+    """Evaluate features under the Market protocol (docs/reference.md section 5); values in percent.
 
     Squared-Euclidean distances are computed blockwise with JAX and consumed block by block, so the
     full (Q, G) matrix is never held. ``rerank=True`` applies k-reciprocal re-ranking first
-    (`rerank`, method.md section 4; off for all published numbers), which does materialise (Q, G).
+    (`rerank`, docs/reference.md section 4; off for all published numbers), which does materialise (Q, G).
     """
     qf = _f32(query_features)
     gf = _f32(gallery_features)
@@ -340,7 +340,7 @@ def format_results(results: dict, title: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Blocked nearest-neighbour pass (method.md section 4, step 1)
+# Blocked nearest-neighbour pass (docs/reference.md section 4, step 1)
 # --------------------------------------------------------------------------------------------
 
 def _raw_from_dot(s, n_row, n_col, mode: str, square: bool):
@@ -365,7 +365,7 @@ class NeighbourTable:
     indices: (N, K) int32, ascending distance (self first when there are no duplicates).
     raw: (N, K) float32 un-normalised distances o(i, indices[i]).
     row_max: (N,) float32 maximum of o(i, :) over all points (the reference normalises each row
-    by it, method.md section 4 step 1).
+    by it, docs/reference.md section 4 step 1).
     """
     indices: np.ndarray
     raw: np.ndarray
@@ -545,7 +545,7 @@ def _pair_raw(x: np.ndarray, rows, cols, mode, square, chunk=4096) -> np.ndarray
 
 
 # --------------------------------------------------------------------------------------------
-# k-reciprocal encoding (method.md section 4, steps 2-5)
+# k-reciprocal encoding (docs/reference.md section 4, steps 2-5)
 # --------------------------------------------------------------------------------------------
 
 def _reciprocal_mask(nbr: np.ndarray, kk: int, block: int = 4096) -> np.ndarray:
@@ -564,7 +564,7 @@ def _reciprocal_mask(nbr: np.ndarray, kk: int, block: int = 4096) -> np.ndarray:
 
 def _k_reciprocal_v(x: np.ndarray, table: NeighbourTable, k1: int, mode: str, square: bool,
                     block: int = 1024) -> sp.csr_matrix:
-    """Sparse V (method.md section 4, steps 2-4) from the neighbour table, vectorised per block.
+    """Sparse V (docs/reference.md section 4, steps 2-4) from the neighbour table, vectorised per block.
 
     Expansion: for each c in R(i, k1), add R(c, round(k1/2)) when
     |R(c, k1/2) & R(i, k1)| > 2/3 |R(c, k1/2)| (the reference's float comparison); unique union;
@@ -713,7 +713,7 @@ def _jaccard_numerator_blocks(vq: sp.csr_matrix, rows_lo: int, rows_hi: int, col
 
 def _k_reciprocal_sparse(x: np.ndarray, k1: int, k2: int, mode: str, square: bool,
                          tile_size: int, emit=None):
-    """Steps 1-5 of method.md section 4: (neighbour table, query-expanded sparse V)."""
+    """Steps 1-5 of docs/reference.md section 4: (neighbour table, query-expanded sparse V)."""
     if k1 < 1 or k2 < 1:
         raise ValueError(f"k1 and k2 must be >= 1, got {k1}, {k2}")
     table = nearest_neighbours(x, max(k1 + 1, k2), mode=mode, square=square,
@@ -732,13 +732,13 @@ def _k_reciprocal_sparse(x: np.ndarray, k1: int, k2: int, mode: str, square: boo
 
 @dataclasses.dataclass(frozen=True)
 class JaccardGraph:
-    """Sparse k-reciprocal Jaccard distance (method.md section 4).
+    """Sparse k-reciprocal Jaccard distance (docs/reference.md section 4).
 
     ``matrix`` (N x N CSR, float32, symmetric) stores every pair with Jaccard distance < 1, i.e.
     every pair whose V rows overlap, *including exact zeros* (the diagonal and identical V rows):
     a stored 0 is a real distance of 0, a missing pair has the implicit value
     ``implicit_value(i, j)``: 1 without source mixing, ``(1 - lam) + lam (s_i + s_j)`` with it
-    (ABMT, method.md section 4 step 7). ``source_term`` is s (N,), scaled by its max, or None.
+    (ABMT, docs/reference.md section 4 step 7). ``source_term`` is s (N,), scaled by its max, or None.
     """
     matrix: sp.csr_matrix
     source_term: np.ndarray | None = None
@@ -890,7 +890,7 @@ def _assemble_symmetric(n: int, blocks: list, window: int = 1 << 21) -> sp.csr_m
 
 def jaccard_distance(features, k1: int = 20, k2: int = 6, source_features=None, lam: float = 0.0,
                      *, tile_size: int = 2048) -> JaccardGraph:
-    """MMT/ABMT's k-reciprocal Jaccard distance as a sparse graph (method.md section 4).
+    """MMT/ABMT's k-reciprocal Jaccard distance as a sparse graph (docs/reference.md section 4).
 
     Same values as the reference's dense ``compute_jaccard_dist`` (negative values clamped to 0,
     source mixing d = (1 - lam) d_J + lam (s_i + s_j) when ``lam > 0``), with memory ~ N x k
@@ -968,7 +968,7 @@ def rerank(query_features, gallery_features, k1: int = 20, k2: int = 6, lam: flo
 
     Reproduces MMT's ``re_ranking(q_g, q_q, g_g)`` as called by its evaluator on squared-Euclidean
     distances: V and query expansion over query + gallery, Jaccard rows only for the queries,
-    final = (1 - lam) Jaccard + lam original, no clamping (method.md section 4, last paragraph).
+    final = (1 - lam) Jaccard + lam original, no clamping (docs/reference.md section 4, last paragraph).
 
     ``square_distances=True`` (default, reference behaviour) reproduces a quirk: the reference
     squares its input distances (``np.power(d, 2)``, meant for Euclidean distances), but MMT passes

@@ -42,7 +42,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class DecodedSet:
-  """A data set with every split decoded once into uint8 arrays (method.md section 3)."""
+  """A data set with every split decoded once into uint8 arrays (docs/reference.md section 3)."""
   dataset: ReidDataset
   train: np.ndarray
   query: np.ndarray
@@ -183,7 +183,7 @@ def pretrain_terms(arch: str) -> tuple:
 
 def pretrain(config, source: DecodedSet, target: DecodedSet | None, seed: int, workdir: str,
              mesh, *, initial: dict | None = None) -> dict:
-  """Trains one source model (method.md section 3, stage 1); resumable; returns its variables."""
+  """Trains one source model (docs/reference.md section 3, stage 1); resumable; returns its variables."""
   pc = config.pretrain
   ds = source.dataset
   num_classes = ds.num_train_pids
@@ -294,7 +294,7 @@ def clustering_features(role_features: dict, spec, cluster_method: str) -> np.nd
 
 def make_pseudo_labels(config, feats: np.ndarray, source_feats: np.ndarray | None, epoch: int,
                        eps: float | None, seed: int):
-  """Clusters target features (method.md sections 3 and 4); returns labels, eps, info."""
+  """Clusters target features (docs/reference.md sections 3 and 4); returns labels, eps, info."""
   cc = config.cluster
   t0 = time.time()
   info: dict[str, Any] = {}
@@ -479,7 +479,7 @@ def max_classes_for(config, n_train: int) -> int:
 
 
 def set_all_classifiers(state, centroids: np.ndarray, mesh):
-  """Classifier rows of every student and teacher := L2-normalised centroids (method.md s.3)."""
+  """Classifier rows of every student and teacher := L2-normalised centroids (docs/reference.md s.3)."""
   set_rows = jax.jit(models.set_classifier_rows)
   params = {n: set_rows(p, centroids) for n, p in state.params.items()}
   teacher = {n: set_rows(p, centroids) for n, p in state.teacher_params.items()}
@@ -592,7 +592,7 @@ def source_models(config, source, target, workdir, mesh, initial) -> list[dict]:
     if initial is None:
       raise ValueError('config.init.skip_pretrain needs config.init.pretrained weights')
     return [initial] * spec.num_students
-  # MMT pre-trains one model per network with different seeds (method.md section 3).
+  # MMT pre-trains one model per network with different seeds (docs/reference.md section 3).
   seeds = [config.seed + k for k in range(spec.num_students)]
   return [pretrain(config, source, target, s, os.path.join(workdir, f'pretrain_seed{s}'), mesh,
                    initial=initial) for s in seeds]

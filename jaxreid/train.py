@@ -4,7 +4,7 @@ A method is data (`MethodSpec`): how many student networks, whether they have EM
 which augmented view each network sees. The loss is data too (`jaxreid.objectives`). One step
 function serves all methods; `lax.scan` runs a chunk of steps on the device with no host round
 trip; the host only builds the epoch's `(iters, batch)` index array and the label array between
-epochs (method.md section 3).
+epochs (docs/reference.md section 3).
 
 Data parallelism: `jit` over a 1-D mesh `('data',)`, batches sharded, everything else replicated.
 BatchNorm statistics are taken over the global batch (or fixed groups of images with
@@ -50,7 +50,7 @@ METHODS: dict[str, MethodSpec] = {
     'pretrain': MethodSpec(1, False, (0,)),
     'cluster_baseline': MethodSpec(1, False, (0,)),
     # Mean-teacher baseline: MMT with one network supervised by its own EMA teacher. The teacher
-    # sees a second view, as the teachers of MMT do (method.md is silent on the baseline's views).
+    # sees a second view, as the teachers of MMT do (docs/reference.md is silent on the baseline's views).
     'mean_teacher': MethodSpec(1, True, (0,), (1,)),
     'mmt': MethodSpec(2, True, (0, 1), (0, 1)),
     'abmt': MethodSpec(1, True, (0,), (0,)),
@@ -64,7 +64,7 @@ class TrainState:
   `params` / `batch_stats` map network names ('net1', 'net2') to that student's variables;
   `teacher_params` / `teacher_batch_stats` hold the EMA teachers (empty dicts without EMA).
   Teachers have their own BN statistics, updated by their own train-mode forwards; only
-  parameters are averaged (method.md section 3).
+  parameters are averaged (docs/reference.md section 3).
   """
   step: jax.Array
   params: dict
@@ -118,7 +118,7 @@ def _path_str(path) -> str:
 def warmup_multistep_schedule(base_lr: float, iters_per_epoch: int, *, warmup_epochs: int = 10,
                               warmup_factor: float = 0.01, milestones: Sequence[int] = (40, 70),
                               gamma: float = 0.1) -> Callable:
-  """The reference's WarmupMultiStepLR, stepped once per epoch (method.md section 3).
+  """The reference's WarmupMultiStepLR, stepped once per epoch (docs/reference.md section 3).
 
   factor(e) = warmup_factor * (1 - e / W) + e / W for e < W, then gamma ** (#milestones <= e).
   """

@@ -266,3 +266,64 @@ def test_export_command_line_errors_are_one_line(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().startswith('error:') and 'Traceback' not in r.stderr
   assert not (tmp_path / 'x.pth').exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training from a PyTorch re-ID model
+
+
+@pytest.fixture()
+def world_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('JAXREID_DATA_CACHE', str(tmp_path / 'world'))
+
+
+@pytest.mark.parametrize('method', ['mmt', 'abmt'])
+def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
+    method, world_cache, tmp_path):
+  torch = pytest.importorskip('torch')
+  import torch_reference as tr
+  from configs import abmt as abmt_config
+  from configs import mmt as mmt_config
+  from jaxreid import run
+  torch.manual_seed(0)
+  net = _randomise_bn_statistics(tr.osnet_x0_25(num_classes=9))
+  torch.save(net.state_dict(), tmp_path / 'osnet.pth')
+  c = (mmt_config if method == 'mmt' else abmt_config).get_config()
+  c.data.synthetic.update(dict(num_train_ids=12, num_test_ids=6, min_images=4, max_images=6))
+  c.data.update(dict(height=64, width=32, batch_size=16, eval_batch_size=64))
+  c.model.backbone = 'osnet_x0_25'
+  c.init.update(dict(pretrained=str(tmp_path / 'osnet.pth'), skip_pretrain=True))
+  c.cluster.update(dict(method='kmeans', num_clusters=6, lam=0.0))
+  c.train.update(dict(epochs=1, iters=2, eval_every=1))
+  workdir = tmp_path / 'run'
+  summary = run.train_and_evaluate(c, str(workdir))
+  assert not list(workdir.glob('pretrain_seed*'))  # no source pre-training happened
+  # The direct-transfer row is the PyTorch network's own features, evaluated.
+  model = models.create_model(arch='abmt' if method == 'abmt' else 'resnet',
+                              backbone='osnet_x0_25', num_classes=9)
+  variables = convert.convert_checkpoint(str(tmp_path / 'osnet.pth'), model)
+  target = run.load_and_decode('synthetic_b', None, 64, 32, synthetic=c.data.synthetic.to_dict())
+  from jaxreid import features
+  expected = run.evaluate_variables(features.make_embed_fn(model), [variables], target,
+                                    batch_size=64, branches=method == 'abmt')
+  assert summary['source only']['mAP'] == pytest.approx(expected['mAP'], abs=1e-6)
+  assert np.isfinite(summary[f'{method} (adapted)']['mAP'])
+  assert (workdir / 'model.msgpack').is_file()
+
+
+def test_real_task_presets_start_from_the_published_weights():
+  from configs import abmt as abmt_config
+  from configs import default
+  from configs import mmt as mmt_config
+  c = mmt_config.get_config('msmt2market')
+  assert c.model.backbone == 'osnet_x0_25' and c.init.skip_pretrain
+  assert c.init.pretrained.endswith('osnet_x0_25_msmt17.pth')
+  assert c.data.target_root.endswith('market1501') and (c.data.height, c.data.width) == (256, 128)
+  assert (c.train.epochs, c.train.iters, c.data.batch_size) == (3, 100, 32)
+  assert c.cluster.num_clusters == 500
+  assert abmt_config.get_config('msmt2market').cluster.lam == 0.0  # no MSMT17 images to mix
+  m = mmt_config.get_config('market2cuhk_imagenet')
+  assert m.model.backbone == 'mobilenetv2' and not m.init.skip_pretrain
+  # the papers' tasks reproduce the published 4-GPU BatchNorm (16-image groups)
+  assert mmt_config.get_config('duke2market').model.norm_group_size == 16
+  assert default.get_config().model.norm_group_size == 0

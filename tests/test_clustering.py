@@ -1,4 +1,4 @@
-"""Tests for jaxreid.clustering against dense references (method.md sections 3 and 4)."""
+"""Tests for jaxreid.clustering against dense references (docs/reference.md sections 3 and 4)."""
 import numpy as np
 import pytest
 import scipy.sparse as sp

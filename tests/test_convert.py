@@ -1,4 +1,4 @@
-"""PyTorch checkpoint import (method.md section 1, "Pretrained weights").
+"""PyTorch checkpoint import (docs/reference.md section 1, "Pretrained weights").
 
 The references are built here from torch's own modules (Conv2d, BatchNorm2d, InstanceNorm2d,
 MaxPool2d, Linear, BatchNorm1d) with torchvision's / IBN-Net's / MMT's / ABMT's exact key names,

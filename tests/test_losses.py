@@ -16,7 +16,7 @@ JL = types.SimpleNamespace(**{n: jax.jit(getattr(L, n)) for n in L.__all__ if n 
 
 
 # ----------------------------------------------------------------------------------------------
-# Slow numpy references, written from method.md section 2 with explicit loops (float64).
+# Slow numpy references, written from docs/reference.md section 2 with explicit loops (float64).
 
 def np_log_softmax(v):
   v = np.asarray(v, np.float64)

@@ -1,4 +1,4 @@
-"""Backbones and heads (method.md section 1): shapes, output semantics, BN details, helpers.
+"""Backbones and heads (docs/reference.md section 1): shapes, output semantics, BN details, helpers.
 
 Shape checks of full-width networks use `jax.eval_shape` (nothing computed); numerical checks use
 tiny widths so the file runs in seconds on a CPU.

@@ -1,7 +1,7 @@
 """Tests for jaxreid.retrieval: evaluation protocol, Jaccard distance, re-ranking.
 
 The references here are deliberately slow and literal (a loop per query; dense N x N matrices
-following method.md section 4 step by step, in float64) so they are independent of the vectorised,
+following docs/reference.md section 4 step by step, in float64) so they are independent of the vectorised,
 sparse implementation under test.
 """
 import numpy as np

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
-# Published sizes (method.md section 6). Only logged: partial or custom folders in the same
+# Published sizes (docs/reference.md section 6). Only logged: partial or custom folders in the same
 # layout are legitimate, so a mismatch is never an error.
 EXPECTED_COUNTS = {
     "market1501": dict(num_train_pids=751, num_train_images=12936, num_query_images=3368,
