@@ -149,11 +149,16 @@ def run_epoch(train_chunk, state, data, batch_idx: np.ndarray, target_idx: np.nd
     metrics = jax.device_get(metrics)
     metrics_chunks.append(metrics)
     total = float(np.mean(metrics['loss/total']))
-    if not np.all(np.isfinite(metrics['loss/total'])):
+    bad = [what for what, ok in (
+        ('loss', np.all(np.isfinite(metrics['loss/total']))),
+        ('gradient norm', np.all(np.isfinite(metrics['grad_norm']))),
+        ('parameters', np.all(metrics.get('finite', 1.0) == 1.0))) if not ok]
+    if bad:
       raise NonFiniteLossError(
-          f'non-finite loss at epoch {epoch + 1}, iteration {start + chunk}: '
-          f'{ {k: float(np.mean(v)) for k, v in metrics.items()} }. The last good checkpoint is '
-          'kept; lower the learning rate or check the inputs, then rerun the same command.')
+          f'non-finite {" and ".join(bad)} at epoch {epoch + 1}, iteration {start + chunk} '
+          f'(loss {total:.4g}, gradient norm {float(np.max(metrics["grad_norm"])):.4g}). '
+          'Nothing of this epoch was saved; the last good checkpoint is kept. Lower the learning '
+          'rate or check the inputs, then rerun the same command.')
     if iters // chunk > 1:
       log(progress.line(epoch, start + chunk, time.time() - t0, f'loss {total:.3f}'))
   merged = {k: float(np.mean(np.concatenate([np.atleast_1d(m[k]) for m in metrics_chunks])))

@@ -251,6 +251,11 @@ def make_train_step(model, spec: MethodSpec, terms, tx: optax.GradientTransforma
                                     state.teacher_params, params)
     metrics = dict(metrics)
     metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    # 1.0 when every parameter and running statistic is finite: a finite loss can still come with
+    # a NaN gradient (lr far too high) that poisons the parameters; checked per chunk by the
+    # driver, which then stops before anything is checkpointed.
+    metrics['finite'] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
+        (params, new_stats, teacher_params))])).astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               teacher_params=teacher_params,
                               teacher_batch_stats={**state.teacher_batch_stats, **teacher_stats},

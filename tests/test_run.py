@@ -73,7 +73,7 @@ def test_crash_then_resume_equals_uninterrupted_run(world_cache, tmp_path, monke
 
   monkeypatch.setattr(run, 'run_epoch', diverging_run_epoch)
   crashed = str(tmp_path / 'crashed')
-  with pytest.raises(run.NonFiniteLossError, match='non-finite loss at epoch 2'):
+  with pytest.raises(run.NonFiniteLossError, match='non-finite loss.* at epoch 2'):
     run.train_and_evaluate(config, crashed)
   _, meta = final_params(crashed)
   assert meta['epoch'] == 0  # the last good checkpoint (adaptation epoch 1) is kept
@@ -265,3 +265,20 @@ def test_deterministic_flag_adds_the_xla_flags_keeping_the_users():
                                       '--xla_gpu_autotune_level=2') == (
       '--xla_force_host_platform_device_count=2 --xla_gpu_autotune_level=2 '
       '--xla_gpu_deterministic_ops=true')
+
+
+def test_divergence_with_a_finite_loss_stops_before_anything_non_finite_is_saved(
+    world_cache, tmp_path):
+  # lr 1e9: the first adaptation epoch's loss can stay finite while the gradient norm is NaN and
+  # the parameters turn non-finite; the run must stop and keep no non-finite state.
+  config = tiny_config()
+  config.train.lr = 1e9
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(run.NonFiniteLossError, match='non-finite .*(gradient norm|parameters)'):
+    run.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'model.msgpack'))
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  if ckpt.latest_step() is not None:
+    params, _ = final_params(workdir)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+  ckpt.close()
