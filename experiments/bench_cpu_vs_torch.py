@@ -28,15 +28,34 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _torch_net(backbone: str):
+  """(f, logits)-returning PyTorch network of the backbone, in its reference layout."""
+  import torch
+  if backbone == 'resnet':
+    from tests.test_convert import TMMT, TResNet  # the reference layout, as in the parity tests
+    return TMMT(TResNet(50), 512)
+  from tests import torch_reference as tr
+
+  class TorchreidPair(torch.nn.Module):  # torchreid's loss='triplet' output order is (y, v)
+    def __init__(self):
+      super().__init__()
+      self.net = getattr(tr, backbone)(num_classes=512, loss='triplet')
+
+    def forward(self, x):
+      y, v = self.net(x)
+      return v, y
+
+  return TorchreidPair()
+
+
 def torch_step_rate(method: str, height: int, width: int, batch: int, steps: int,
-                    threads: int) -> float:
+                    threads: int, backbone: str = 'resnet') -> float:
   import torch
   sys.path.insert(0, REPO)
-  from tests.test_convert import TMMT, TResNet  # the reference layout, as in the parity tests
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  nets = [TMMT(TResNet(50), 512) for _ in range(2 if method == 'mmt' else 1)]
-  teachers = [TMMT(TResNet(50), 512) for _ in nets] if method == 'mmt' else []
+  nets = [_torch_net(backbone) for _ in range(2 if method == 'mmt' else 1)]
+  teachers = [_torch_net(backbone) for _ in nets] if method == 'mmt' else []
   for t, s in zip(teachers, nets):
     t.load_state_dict(s.state_dict())
     for p in t.parameters():
@@ -81,12 +100,13 @@ def torch_step_rate(method: str, height: int, width: int, batch: int, steps: int
 
 
 def jax_step_rate(method: str, height: int, width: int, batch: int, steps: int,
-                  xla_flags: str) -> float | None:
+                  xla_flags: str, backbone: str = 'resnet') -> float | None:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'bench.json')
     env = dict(os.environ, XLA_FLAGS=xla_flags)
     cmd = [sys.executable, '-m', 'jaxreid.benchmark', f'--methods={method}', '--dtypes=float32',
-           '--depth=50', '--width=64', f'--height={height}', f'--img_width={width}',
+           '--depth=50', '--width=64', f'--backbone={backbone}', f'--height={height}',
+           f'--img_width={width}',
            f'--batch={batch}', f'--steps={steps}', '--train_images=256', '--test_images=64',
            f'--json={out}']
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -103,6 +123,9 @@ def main():
   p.add_argument('--sizes', default='256x128x16,128x64x32',
                  help='comma-separated HEIGHTxWIDTHxBATCH')
   p.add_argument('--methods', default='pretrain,mmt')
+  p.add_argument('--backbones', default='resnet',
+                 help="comma-separated: resnet (ResNet-50), osnet_x0_25, ... (PyTorch side: "
+                      'tests/torch_reference.py)')
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--threads', type=int, default=2)
   p.add_argument('--xla_flags', action='append', default=None,
@@ -112,19 +135,21 @@ def main():
   rows = []
   for size in args.sizes.split(','):
     h, w, b = (int(v) for v in size.split('x'))
-    for method in args.methods.split(','):
-      t = torch_step_rate(method, h, w, b, args.steps, args.threads)
-      for flags in variants:
-        j = jax_step_rate(method, h, w, b, args.steps, flags)
-        rows.append((f'{h}x{w}', b, method, flags or '(default)', t, j))
-        print(f'{h}x{w} b{b} {method:8s} torch {t:6.2f} img/s  jaxreid {j or float("nan"):6.2f} '
-              f'img/s  XLA_FLAGS={flags!r}', flush=True)
-  print('\n| size | batch | step | XLA_FLAGS | PyTorch img/s | jaxreid img/s | jaxreid / PyTorch |')
-  print('|---|---|---|---|---|---|---|')
-  for size, b, method, flags, t, j in rows:
+    for backbone in args.backbones.split(','):
+      for method in args.methods.split(','):
+        t = torch_step_rate(method, h, w, b, args.steps, args.threads, backbone)
+        for flags in variants:
+          j = jax_step_rate(method, h, w, b, args.steps, flags, backbone)
+          rows.append((backbone, f'{h}x{w}', b, method, flags or '(default)', t, j))
+          print(f'{backbone} {h}x{w} b{b} {method:8s} torch {t:6.2f} img/s  jaxreid '
+                f'{j or float("nan"):6.2f} img/s  XLA_FLAGS={flags!r}', flush=True)
+  print('\n| backbone | size | batch | step | XLA_FLAGS | PyTorch img/s | jaxreid img/s | '
+        'jaxreid / PyTorch |')
+  print('|---|---|---|---|---|---|---|---|')
+  for backbone, size, b, method, flags, t, j in rows:
     ratio = f'{j / t:.2f}' if j else 'failed'
     jtxt = f'{j:.2f}' if j else 'failed'
-    print(f'| {size} | {b} | {method} | `{flags}` | {t:.2f} | {jtxt} | {ratio} |')
+    print(f'| {backbone} | {size} | {b} | {method} | `{flags}` | {t:.2f} | {jtxt} | {ratio} |')
 
 
 if __name__ == '__main__':

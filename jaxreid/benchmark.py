@@ -27,6 +27,7 @@ from absl import flags
 
 flags.DEFINE_list('methods', ['pretrain', 'mean_teacher', 'mmt', 'abmt'], 'Methods to measure.')
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to measure.')
+flags.DEFINE_string('backbone', 'resnet', "'resnet', 'osnet_x1_0' .. 'osnet_x0_25', 'mobilenetv2'.")
 flags.DEFINE_integer('depth', 18, 'ResNet depth.')
 flags.DEFINE_integer('width', 16, 'ResNet base width (64 = standard).')
 flags.DEFINE_integer('height', 64, 'Input height.')
@@ -94,7 +95,8 @@ def measure_method(method: str, dtype: str) -> dict:
 
   spec = train_lib.METHODS[method]
   arch = 'abmt' if method == 'abmt' else 'resnet'
-  model = models.create_model(dict(arch=arch, depth=FLAGS.depth, width=FLAGS.width,
+  model = models.create_model(dict(arch=arch, backbone=FLAGS.backbone, depth=FLAGS.depth,
+                                   width=FLAGS.width,
                                    num_classes=FLAGS.num_classes, dtype=dtype))
   mesh = train_lib.make_mesh()
   tx = train_lib.make_optimizer(3.5e-4)

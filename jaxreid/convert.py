@@ -323,9 +323,19 @@ def _load_legacy(path: str) -> Any:
 
     result = _RestrictedUnpickler(f, persistent_load, path).load()
     keys = plain()
+    file_size = os.fstat(f.fileno()).st_size
     for key in keys:
+      if key not in storages:
+        raise pickle.UnpicklingError(f'{path}: storage {key!r} is listed but never used')
       st = storages[key]
-      numel = int(np.frombuffer(f.read(8), '<i8')[0])
+      header = f.read(8)
+      if len(header) != 8:
+        raise pickle.UnpicklingError(f'{path}: truncated storage {key}')
+      numel = int(np.frombuffer(header, '<i8')[0])
+      # The declared size must fit in what is left of the file: never allocate on its word.
+      if numel < 0 or numel * st.dtype.itemsize > file_size - f.tell():
+        raise pickle.UnpicklingError(f'{path}: storage {key} declares {numel} elements, more '
+                                     'than the file holds (truncated or corrupt file)')
       raw = f.read(numel * st.dtype.itemsize)
       if len(raw) != numel * st.dtype.itemsize:
         raise pickle.UnpicklingError(f'{path}: truncated storage {key}')

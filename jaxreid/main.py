@@ -24,6 +24,10 @@ flags.DEFINE_bool('deterministic', False,
                   'Bitwise-repeatable runs on GPUs: deterministic XLA ops and no convolution '
                   'autotuning (see deterministic_xla_flags). Slower; CPU runs are repeatable '
                   'without it.')
+flags.DEFINE_bool('allow_safe_changes', False,
+                  'Resume a work dir whose config differs only in keys that extend or re-report '
+                  'the run (jaxreid.workdir.SAFE_CHANGES, e.g. more epochs).')
+flags.DEFINE_bool('verbose', False, 'Show the Python traceback of an error.')
 FLAGS = flags.FLAGS
 
 # Measured on one H100 (jax 0.11, synthetic pre-training, same seed, experiments/
@@ -57,16 +61,18 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join(
       'workdirs', f'{config.method}_{run.domain_name(config, "source")}_to_'
       f'{run.domain_name(config, "target")}')
+  from jaxreid.convert import ConversionError
+  from jaxreid.data import DataError
+  from jaxreid.workdir import WorkdirError
   try:
-    run.train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError, run.NonFiniteLossError) as e:
-    from jaxreid.convert import ConversionError
-    from jaxreid.data import DataError
-    if isinstance(e, (DataError, FileNotFoundError, run.NonFiniteLossError, ConversionError)) or \
-        str(e).startswith('config.'):
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-    raise
+    run.train_and_evaluate(config, workdir, allow_safe_changes=FLAGS.allow_safe_changes)
+  except (ValueError, FileNotFoundError, run.NonFiniteLossError, WorkdirError) as e:
+    user_error = (isinstance(e, (DataError, FileNotFoundError, run.NonFiniteLossError,
+                                 ConversionError, WorkdirError)) or str(e).startswith('config.'))
+    if FLAGS.verbose or not user_error:
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ from jaxreid import models
 from jaxreid import objectives
 from jaxreid import retrieval
 from jaxreid import train as train_lib
+from jaxreid import workdir as workdir_lib
 from jaxreid.data import ReidDataset, load_dataset
 from jaxreid.metrics_writer import MetricsWriter, Progress, format_duration, log
 
@@ -495,11 +496,34 @@ def set_all_classifiers(state, centroids: np.ndarray, mesh):
 # The whole experiment
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_safe_changes: bool = False) -> dict:
+  """Runs (or resumes) the experiment in `workdir`; returns the results table's rows.
+
+  One process per work dir (a lock file); a rerun must use the config the work dir was started
+  with (`jaxreid.workdir.remember_config`); a finished run is not redone: its results are read
+  back and printed."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  with workdir_lib.Lock(workdir):
+    results_path = os.path.join(workdir, 'results.json')
+    config_path = os.path.join(workdir, 'config.json')
+    current = json.loads(config.to_json_best_effort())
+    unchanged = (os.path.exists(config_path)
+                 and workdir_lib.read_config(config_path) == current)
+    workdir_lib.remember_config(config, workdir, allow_safe_changes=allow_safe_changes)
+    if unchanged and os.path.exists(results_path):
+      with open(results_path) as f:
+        summary = json.load(f)
+      log(f'[done] {workdir} holds a finished run of this config (use a new --workdir to run it '
+          'again); its results:')
+      print_summary(config, summary)
+      return summary
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  log('[config] ' + ' '.join(f'{k}={v}' for k, v in sorted(_flat_config(config).items())))
   mesh = train_lib.make_mesh()
   log(f'[setup] {jax.device_count()} device(s): {jax.devices()[0].device_kind}; '
       f'work dir {os.path.abspath(workdir)}')
@@ -527,8 +551,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      batch_size=config.data.eval_batch_size)}
     writer.write('pretrain_final', 0, {f'{k}/{m}': v for k, r in results.items()
                                        for m, v in r.items()})
-    print_summary(config, {'source domain (supervised)': results['source'],
-                           'target domain (source only)': results['target']})
+    summary = {'source domain (supervised)': results['source'],
+               'target domain (source only)': results['target']}
+    print_summary(config, summary)
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=float)
     return results
   students = source_models(config, source, target, workdir, mesh, initial)
   spec = train_lib.METHODS[config.method]
@@ -548,6 +575,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     json.dump({k: {m: v for m, v in r.items()} for k, r in summary.items()}, f, indent=2,
               default=float)
   return summary
+
+
+def _flat_config(config) -> dict:
+  return workdir_lib._flatten(json.loads(config.to_json_best_effort()))  # pylint: disable=protected-access
 
 
 def _classifier_key(variables) -> str:
@@ -620,6 +651,29 @@ def print_summary(config, summary: dict) -> None:
   log('\n'.join(lines))
 
 
+# Every numeric config field's valid range (low, high or None, high included): checked before any
+# work starts, so that e.g. pretrain.epochs=-1 cannot silently skip pre-training.
+NUMERIC_RANGES = {
+    'data.height': (16, None, True), 'data.width': (16, None, True),
+    'data.batch_size': (2, None, True), 'data.num_instances': (1, None, True),
+    'data.eval_batch_size': (1, None, True),
+    'model.depth': (1, None, True), 'model.width': (1, None, True),
+    'model.last_stride': (1, 2, True), 'model.dropout': (0.0, 1.0, False),
+    'model.norm_group_size': (0, None, True),
+    'pretrain.epochs': (0, None, True), 'pretrain.iters': (1, None, True),
+    'pretrain.lr': (0.0, None, True), 'pretrain.warmup_epochs': (0, None, True),
+    'pretrain.erasing_prob': (0.0, 1.0, True), 'pretrain.eval_every': (0, None, True),
+    'train.epochs': (0, None, True), 'train.iters': (1, None, True),
+    'train.lr': (0.0, None, True), 'train.weight_decay': (0.0, None, True),
+    'train.ema_decay': (0.0, 1.0, False), 'train.erasing_prob': (0.0, 1.0, True),
+    'train.eval_every': (0, None, True), 'train.log_every': (0, None, True),
+    'cluster.num_clusters': (2, None, True), 'cluster.max_classes': (0, None, True),
+    'cluster.k1': (1, None, True), 'cluster.k2': (1, None, True),
+    'cluster.lam': (0.0, 1.0, False), 'cluster.rho': (0.0, 1.0, False),
+    'cluster.min_samples': (1, None, True),
+}
+
+
 def validate_config(config) -> None:
   """Fails before any work starts, naming the offending key."""
   def check(cond, key, msg):
@@ -627,6 +681,15 @@ def validate_config(config) -> None:
       raise ValueError(f'config.{key}: {msg}')
   check(config.method in train_lib.METHODS, 'method',
         f'{config.method!r} is not one of {sorted(train_lib.METHODS)}')
+  for key, (low, high, closed_high) in NUMERIC_RANGES.items():
+    section, name = key.split('.')
+    if section not in config or name not in config[section]:
+      continue
+    value = config[section][name]
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+          and (high is None or (value <= high if closed_high else value < high)))
+    check(ok, key, f'{value!r} is out of range: must be >= {low}'
+          + ('' if high is None else f' and {"<=" if closed_high else "<"} {high}'))
   d = config.data
   check(d.batch_size > 0 and d.batch_size % d.num_instances == 0, 'data.batch_size',
         f'{d.batch_size} must be a positive multiple of data.num_instances={d.num_instances}')
@@ -642,8 +705,8 @@ def validate_config(config) -> None:
         "must be 'kmeans' or 'dbscan'")
   check(config.method != 'abmt' or config.model.arch == 'abmt', 'model.arch',
         "method 'abmt' needs model.arch='abmt'")
-  check(config.train.epochs >= 0 and config.train.iters > 0, 'train.iters', 'must be positive')
-  check(0.0 <= config.cluster.lam < 1.0, 'cluster.lam', 'must be in [0, 1)')
+  check(config.pretrain.lr > 0 or not config.pretrain.epochs, 'pretrain.lr', 'must be > 0')
+  check(config.train.lr > 0, 'train.lr', 'must be > 0')
   views = _teacher_views(config)
   if views:
     spec = train_lib.METHODS.get(config.method)

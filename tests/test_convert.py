@@ -471,3 +471,16 @@ def test_cli_roundtrip(tmp_path):
     convert.load_converted(str(out), models.ReIDNet(depth=18, width=8, num_classes=7))
   assert convert.main(['--input', path, '--output', str(out), '--depth', '34', '--width',
                        '4']) == 1
+
+
+def test_legacy_file_declaring_huge_storage_is_refused_without_allocating(tmp_path):
+  torch = pytest.importorskip('torch')
+  values = np.arange(1, 8, dtype=np.float32)
+  path = save({'w': torch.from_numpy(values.copy())}, tmp_path / 'x.pth', legacy=True)
+  data = bytearray(open(path, 'rb').read())
+  at = bytes(data).rindex(values.tobytes())
+  assert np.frombuffer(bytes(data[at - 8:at]), '<i8')[0] == 7  # the storage's declared size
+  data[at - 8:at] = np.array([2 ** 60], '<i8').tobytes()
+  open(path, 'wb').write(bytes(data))
+  with pytest.raises(pickle.UnpicklingError, match='more than the file holds'):
+    convert.load_torch_checkpoint(str(path))
