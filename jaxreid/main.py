@@ -61,14 +61,17 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join(
       'workdirs', f'{config.method}_{run.domain_name(config, "source")}_to_'
       f'{run.domain_name(config, "target")}')
+  from jaxreid.checkpoint import CheckpointError
   from jaxreid.convert import ConversionError
   from jaxreid.data import DataError
   from jaxreid.workdir import WorkdirError
   try:
     run.train_and_evaluate(config, workdir, allow_safe_changes=FLAGS.allow_safe_changes)
-  except (ValueError, FileNotFoundError, run.NonFiniteLossError, WorkdirError) as e:
+  except (ValueError, FileNotFoundError, run.NonFiniteLossError, WorkdirError,
+          CheckpointError) as e:
     user_error = (isinstance(e, (DataError, FileNotFoundError, run.NonFiniteLossError,
-                                 ConversionError, WorkdirError)) or str(e).startswith('config.'))
+                                 ConversionError, WorkdirError, CheckpointError))
+                  or str(e).startswith('config.'))
     if FLAGS.verbose or not user_error:
       raise
     print(f'error: {e}', file=sys.stderr)
