@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxreid import input_pipeline
+from jaxreid.metrics_writer import Ticker
 
 
 def make_embed_fn(model, mesh: Mesh | None = None) -> Callable:
@@ -39,14 +40,24 @@ def make_embed_fn(model, mesh: Mesh | None = None) -> Callable:
 
 
 def extract_features(embed_fn: Callable, variables_list: Sequence[Any], images: np.ndarray,
-                     batch_size: int = 256) -> np.ndarray:
-  """Eval features of `images` (N, H, W, 3) uint8 -> (N, D) float32 numpy array."""
+                     batch_size: int = 256, label: str = 'features') -> np.ndarray:
+  """Eval features of `images` (N, H, W, 3) uint8 -> (N, D) float32 numpy array.
+
+  Batches are fetched two behind the one dispatched (the device never waits for the host) and a
+  progress line with an ETA is printed for passes longer than a few seconds."""
   n = len(images)
   if n == 0:
     raise ValueError('extract_features: no images')
   batch_size = min(batch_size, _round_up(n, jax.device_count()))
   batch_size = _round_up(batch_size, jax.device_count())
-  outputs = []
+  ticker = Ticker(f'{label} ({n} images)', n)
+  outputs, fetched = [], []
+
+  def fetch():
+    f, valid = outputs[len(fetched)]
+    fetched.append(np.asarray(f)[:valid])
+    ticker.tick(valid)
+
   for start in range(0, n, batch_size):
     batch = images[start:start + batch_size]
     valid = len(batch)
@@ -54,8 +65,11 @@ def extract_features(embed_fn: Callable, variables_list: Sequence[Any], images: 
       pad = np.zeros((batch_size - valid,) + batch.shape[1:], batch.dtype)
       batch = np.concatenate([batch, pad])
     outputs.append((embed_fn(list(variables_list), batch), valid))
-  # Fetch after dispatching everything, so host transfers overlap device work.
-  return np.concatenate([np.asarray(f)[:valid] for f, valid in outputs]).astype(np.float32)
+    if len(outputs) - len(fetched) > 2:
+      fetch()
+  while len(fetched) < len(outputs):
+    fetch()
+  return np.concatenate(fetched).astype(np.float32)
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -157,11 +157,11 @@ class LoadedModel:
 
   def describe(self) -> str:
     m = self.model
-    abmt = 'ABMT ' if isinstance(m, models.ABMTNet) else ''
+    abmt = isinstance(m, models.ABMTNet)
     if m.backbone == 'resnet':
-      net = f'{abmt}ResNet{"-IBN-a" if m.ibn else ""}-{m.depth} (width {m.width})'
+      net = f'{"ABMT" if abmt else "ResNet"}{"-IBN-a" if m.ibn else ""}-{m.depth} (width {m.width})'
     else:
-      net = f'{abmt}{m.backbone}'
+      net = f'{"ABMT " if abmt else ""}{m.backbone}'
     return (f'{net}, input {self.height}x{self.width}, {self.feature_dim}-d features; '
             f'architecture from {self.source}')
 

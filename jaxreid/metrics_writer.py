@@ -107,6 +107,24 @@ class Progress:
             f'{text} | {rate:.2f} it/s | {eta}')
 
 
+class Ticker:
+  """`label: done/total (p%) elapsed, eta` lines at every 10% of a long host-driven loop (feature
+  passes, decoding), once it has run `min_seconds`: quiet for short work."""
+
+  def __init__(self, label: str, total: int, min_seconds: float = 5.0):
+    self.label, self.total, self.min_seconds = label, max(int(total), 1), min_seconds
+    self.t0, self.done, self.next_report = time.time(), 0, 0.1
+
+  def tick(self, k: int = 1) -> None:
+    self.done += k
+    elapsed = time.time() - self.t0
+    if self.done / self.total >= self.next_report and elapsed >= self.min_seconds:
+      eta = elapsed * (self.total - self.done) / max(self.done, 1)
+      log(f'{self.label}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%) '
+          f'{format_duration(elapsed)} elapsed, eta {format_duration(eta)}')
+      self.next_report = math.floor(self.done / self.total * 10 + 1) / 10
+
+
 def log(message: str) -> None:
   print(message, flush=True)
   sys.stdout.flush()

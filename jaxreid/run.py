@@ -106,7 +106,8 @@ def evaluate_variables(embed_fn, variable_sets: Sequence[dict], target: DecodedS
   (`features.branch_features`), as 'avg/mAP', 'avg/top1', 'max/mAP', 'max/top1'.
   """
   ds = target.dataset
-  feats = features_lib.extract_features(embed_fn, variable_sets, target.test_images, batch_size)
+  feats = features_lib.extract_features(embed_fn, variable_sets, target.test_images, batch_size,
+                                       label='[evaluate] query + gallery')
   nq = len(target.query)
   ids = (ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids)
   results = retrieval.evaluate(feats[:nq], feats[nq:], *ids, rerank=rerank)
@@ -283,8 +284,10 @@ def network_features(embed_fn, state, spec, images: np.ndarray, batch_size: int,
   for name in train_lib.net_names(spec):
     roles = ([True] if spec.ema else []) + ([False] if students or not spec.ema else [])
     for teacher in roles:
-      out[f'{"teacher" if teacher else "student"}/{name}'] = features_lib.extract_features(
-          embed_fn, [state.variables(name, teacher=teacher)], images, batch_size)
+      role = f'{"teacher" if teacher else "student"}/{name}'
+      out[role] = features_lib.extract_features(
+          embed_fn, [state.variables(name, teacher=teacher)], images, batch_size,
+          label=f'[features] {role}')
   return out
 
 
@@ -304,6 +307,9 @@ def make_pseudo_labels(config, feats: np.ndarray, source_feats: np.ndarray | Non
   cc = config.cluster
   t0 = time.time()
   info: dict[str, Any] = {}
+  what = (f'K-means, {cc.num_clusters} clusters' if cc.method == 'kmeans' else
+          f'k-reciprocal Jaccard (k1 {cc.k1}, k2 {cc.k2}) + DBSCAN')
+  log(f'[cluster] {what} of {feats.shape[0]} x {feats.shape[1]} features ...')
   if cc.method == 'kmeans':
     labels, _ = clustering.kmeans(feats, cc.num_clusters, seed=seed + epoch,
                                   backend=cc.kmeans_backend)
@@ -319,6 +325,7 @@ def make_pseudo_labels(config, feats: np.ndarray, source_feats: np.ndarray | Non
     raise ValueError(f"config.cluster.method must be 'kmeans' or 'dbscan', got {cc.method!r}")
   labels = clustering.relabel_contiguous(np.asarray(labels))
   info['cluster_seconds'] = time.time() - t0
+  log(f'[cluster] done in {format_duration(info["cluster_seconds"])}')
   return labels, eps, info
 
 

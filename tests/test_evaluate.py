@@ -174,9 +174,12 @@ def test_wrong_architecture_fails_naming_the_mismatch_and_the_fix(world, tmp_pat
 
 
 def test_guess_architecture():
-  for kw in (dict(arch='resnet', depth=18, width=4, ibn=False),
-             dict(arch='resnet', depth=50, width=4, ibn=True),
-             dict(arch='abmt', depth=34, width=4, ibn=False)):
+  for kw in (dict(arch='resnet', backbone='resnet', depth=18, width=4, ibn=False),
+             dict(arch='resnet', backbone='resnet', depth=50, width=4, ibn=True),
+             dict(arch='abmt', backbone='resnet', depth=34, width=4, ibn=False),
+             dict(arch='resnet', backbone='osnet_x0_5'),
+             dict(arch='abmt', backbone='osnet_x0_25'),
+             dict(arch='resnet', backbone='mobilenetv2')):
     v = models.abstract_variables(models.create_model(dict(kw, num_classes=3)), 64, 64)
     assert inference.guess_architecture(v) == kw
   assert inference.guess_architecture({'params': {'foo': {}}}) is None
