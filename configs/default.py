@@ -156,6 +156,9 @@ def _apply_real_task(c: ml_collections.ConfigDict, task: str) -> ml_collections.
     c.data.source = 'msmt17'
   c.data.height, c.data.width = 256, 128
   c.data.batch_size = 32
+  # OSNet / MobileNetV2 feature passes on the CPU: 112 img/s at batch 32 vs 79 at 256 (measured,
+  # OSNet x0.25 256x128, 2 cores shared with a training run).
+  c.data.eval_batch_size = 32
   c.model.backbone = backbone
   c.init.pretrained = os.path.join(SHARED_WEIGHTS, weights)
   if backbone.startswith('osnet'):  # a re-ID model already: adapt it directly

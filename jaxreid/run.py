@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
@@ -278,17 +279,30 @@ def network_features(embed_fn, state, spec, images: np.ndarray, batch_size: int,
   """Eval features of every network, keyed 'teacher/netK' and 'student/netK'.
 
   Teachers always (students instead when the method has no EMA teacher); students too when
-  `students` (for the coupling diagnostic).
+  `students` (for the coupling diagnostic). Networks with identical variables (before
+  adaptation a teacher is a copy of its student, and MMT's two networks may start from the same
+  weights) are extracted once.
   """
-  out = {}
+  out, done = {}, {}
   for name in train_lib.net_names(spec):
     roles = ([True] if spec.ema else []) + ([False] if students or not spec.ema else [])
     for teacher in roles:
       role = f'{"teacher" if teacher else "student"}/{name}'
-      out[role] = features_lib.extract_features(
-          embed_fn, [state.variables(name, teacher=teacher)], images, batch_size,
-          label=f'[features] {role}')
+      variables = state.variables(name, teacher=teacher)
+      key = _fingerprint(variables)
+      if key not in done:
+        done[key] = features_lib.extract_features(embed_fn, [variables], images, batch_size,
+                                                  label=f'[features] {role}')
+      out[role] = done[key]
   return out
+
+
+def _fingerprint(variables) -> str:
+  """A digest of every leaf's bytes: equal digests = identical networks."""
+  digest = hashlib.sha1()
+  for leaf in jax.tree.leaves(jax.device_get(variables)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
 
 
 def clustering_features(role_features: dict, spec, cluster_method: str) -> np.ndarray:
