@@ -666,7 +666,9 @@ def print_summary(config, summary: dict) -> None:
   lines = [title, '-' * len(title),
            f'{"model":32s} {"mAP":>6s} {"top1":>6s} {"top5":>6s} {"top10":>6s}']
   for name, r in summary.items():
-    if r and 'mAP' in r:
+    if not r or 'mAP' not in r:
+      lines.append(f'{name:32s} not evaluated (no epoch was evaluated: see the log above)')
+    else:
       lines.append(f'{name:32s} {r["mAP"]:6.1f} {r["top1"]:6.1f} {r["top5"]:6.1f} '
                    f'{r["top10"]:6.1f}')
   log('\n'.join(lines))

@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--query', required=True, help='an image file or a folder of images')
   p.add_argument('--gallery', required=True, help='a folder of images to search')
   p.add_argument('--topk', type=int, default=10, help='matches listed per query')
-  p.add_argument('--out', default='retrieval.png', help='retrieval picture ("" for none)')
+  p.add_argument('--out', default='', help='write the retrieval picture to this PNG file '
+                 '(default: none; nothing is written to the current directory unasked)')
   p.add_argument('--max_rows', type=int, default=20,
                  help='queries shown in the picture (the first ones); all are printed')
   p.add_argument('--export_features', default='', metavar='DIR',
@@ -196,6 +197,8 @@ def main(argv=None) -> int:
     written += export(result, args.export_features, loaded.weights_path)
   if written:
     print('\nwrote ' + '\n      '.join(written))
+  if not args.out:
+    print('\n(add --out=retrieval.png for a picture of the ranked matches)')
   k = result.ranked.shape[1]
   print(f'\nsummary: {len(result.query)} queries, {len(result.gallery)} gallery images, top {k} '
         f'each; {len(result.skipped)} unreadable file(s) skipped')

@@ -86,3 +86,70 @@ def test_out_of_range_fields_fail_before_any_work_naming_the_key(override, key, 
   with pytest.raises(ValueError, match=f'^config.{key}: '):
     run.train_and_evaluate(c, str(tmp_path / 'w'))
   assert not (tmp_path / 'w' / 'config.json').exists()
+
+
+def test_config_path_works_from_any_directory(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, '-m', 'jaxreid.main',
+                      f'--config={os.path.join(repo, "configs", "mmt.py")}:cuhk2pku,dbscan',
+                      '--config.train.lr=-1', f'--workdir={tmp_path / "w"}'],
+                     cwd=str(tmp_path), capture_output=True, text=True)
+  assert r.returncode == 2 and 'config.train.lr' in r.stderr, r.stderr[-2000:]
+
+
+TINY = ['--config.data.synthetic.num_train_ids=12', '--config.data.synthetic.num_test_ids=6',
+        '--config.data.synthetic.min_images=4', '--config.data.synthetic.max_images=6',
+        '--config.data.height=32', '--config.data.width=16', '--config.data.batch_size=16',
+        '--config.data.eval_batch_size=64', '--config.model.depth=18', '--config.model.width=8',
+        '--config.pretrain.epochs=1', '--config.pretrain.iters=2',
+        '--config.pretrain.warmup_epochs=1', "--config.pretrain.milestones=(5,)",
+        '--config.pretrain.eval_every=0', '--config.train.epochs=2', '--config.train.iters=4',
+        '--config.train.log_every=1', '--config.train.eval_every=1',
+        '--config.cluster.num_clusters=6']
+
+
+def _main(workdir, env, kill_after_line=None, delay=0.0):
+  """Runs jaxreid.main on the tiny world; with `kill_after_line`, SIGKILLs it `delay` seconds
+  after the first output line containing that text. Returns (exit code, output)."""
+  import signal
+  import time
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py',
+                           f'--workdir={workdir}'] + TINY, cwd=repo, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  out = []
+  for line in proc.stdout:
+    out.append(line)
+    if kill_after_line and kill_after_line in line:
+      time.sleep(delay)
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait()
+  return proc.returncode, ''.join(out)
+
+
+@pytest.mark.parametrize('line, delay', [
+    ('[pretrain seed 2]', 0.0),           # inside pre-training of the second source model
+    ('[mmt] epoch 1/2 it 2/4', 0.0),      # inside the first adaptation epoch
+    ('[mmt] epoch 1/2 it 4/4', 0.3),      # at the epoch's end: evaluation, checkpoint write
+    ('[mmt] epoch 1/2 loss', 0.0),        # between epochs
+])
+def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_result(
+    tmp_path_factory, line, delay):
+  base = tmp_path_factory.getbasetemp()
+  env = dict(os.environ, JAXREID_DATA_CACHE=str(base / 'world'))
+  reference = base / 'uninterrupted'
+  if not (reference / 'results.json').exists():
+    rc, out = _main(reference, env)
+    assert rc == 0, out[-3000:]
+  workdir = tmp_path_factory.mktemp('killed')
+  rc, out = _main(workdir, env, kill_after_line=line, delay=delay)
+  assert rc == -9, f'the line {line!r} never came:\n{out[-3000:]}'
+  assert not (workdir / 'results.json').exists()
+  rc, out = _main(workdir, env)
+  assert rc == 0, out[-3000:]
+  got = json.loads((workdir / 'results.json').read_text())
+  want = json.loads((reference / 'results.json').read_text())
+  for row in want:
+    for k in ('mAP', 'top1', 'top5', 'top10'):
+      assert got[row][k] == pytest.approx(want[row][k], abs=1e-6), (row, k)
