@@ -745,18 +745,24 @@ def main(argv=None) -> int:
                  help='classifier width (a checkpoint classifier fills its first rows)')
   p.add_argument('--format', choices=FORMATS, default='auto')
   p.add_argument('--seed', type=int, default=0, help='for freshly initialised parts')
+  p.add_argument('--backbone', default='auto',
+                 help="'auto' (read off the checkpoint), 'resnet', 'osnet_x0_25' .. "
+                      "'osnet_x1_0', 'mobilenetv2'")
   args = p.parse_args(argv)
 
   from jaxreid import models
-  model = models.create_model(
-      arch=args.arch, depth=args.depth, width=args.width, ibn=args.ibn,
-      stem_relu={'auto': None, 'true': True, 'false': False}[args.stem_relu],
-      last_stride=args.last_stride, num_classes=args.num_classes)
   report = {}
   try:
-    variables = convert_checkpoint(args.input, model, args.format, seed=args.seed, report=report)
-  except (ConversionError, pickle.UnpicklingError) as e:
-    print(f'error: {e}', file=sys.stderr)
+    sd = extract_state_dict(load_torch_checkpoint(args.input))
+    fmt = detect_format(sd) if args.format == 'auto' else args.format
+    backbone = checkpoint_backbone(sd, fmt) if args.backbone == 'auto' else args.backbone
+    model = models.create_model(
+        arch=args.arch, backbone=backbone, depth=args.depth, width=args.width, ibn=args.ibn,
+        stem_relu={'auto': None, 'true': True, 'false': False}[args.stem_relu],
+        last_stride=args.last_stride, num_classes=args.num_classes)
+    variables = convert_state_dict(sd, model, fmt, seed=args.seed, report=report)
+  except (ConversionError, pickle.UnpicklingError, OSError, zipfile.BadZipFile, ValueError) as e:
+    print(f'error: {args.input}: {e}', file=sys.stderr)
     return 1
   save_converted(args.output, variables)
   print(f'{args.input} (format {report["format"]}) -> {args.output}: {_describe(model)}; '

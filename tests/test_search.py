@@ -232,3 +232,11 @@ def test_rank_gallery_matches_a_full_sort_and_breaks_ties_by_gallery_order():
   assert ranked.shape == (70, 60)
   # duplicates tie exactly: the lower gallery index comes first
   np.testing.assert_array_equal(ranked[:, 1], ranked[:, 0] + 30)
+
+
+def test_search_writes_no_picture_unless_asked(world, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  assert search.main([f'--model={world["run"]}', f'--query={world["query"]}',
+                      f'--gallery={world["gallery"]}', '--topk=2']) == 0
+  assert os.listdir(tmp_path) == []
+  assert 'add --out=' in capsys.readouterr().out

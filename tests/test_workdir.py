@@ -153,3 +153,48 @@ def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_result(
   for row in want:
     for k in ('mAP', 'top1', 'top5', 'top10'):
       assert got[row][k] == pytest.approx(want[row][k], abs=1e-6), (row, k)
+
+
+def test_a_second_process_on_a_busy_work_dir_exits_at_once(tmp_path_factory):
+  import time
+  base = tmp_path_factory.getbasetemp()
+  env = dict(os.environ, JAXREID_DATA_CACHE=str(base / 'world'))
+  workdir = tmp_path_factory.mktemp('busy')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  first = subprocess.Popen([sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py',
+                            f'--workdir={workdir}'] + TINY, cwd=repo, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    for _ in range(600):
+      if (workdir / '.lock').exists():
+        break
+      time.sleep(0.1)
+    second = subprocess.run([sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py',
+                             f'--workdir={workdir}'] + TINY, cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f'in use by another jaxreid process (pid {first.pid})' in second.stderr
+    assert 'Traceback' not in second.stderr
+  finally:
+    first.kill()
+    first.wait()
+
+
+def test_a_run_in_which_no_epoch_was_evaluated_still_finishes_cleanly(world_cache, tmp_path):
+  from configs import abmt as abmt_config
+  c = abmt_config.get_config()
+  c.data.synthetic.update(dict(num_train_ids=12, num_test_ids=6, min_images=4, max_images=6))
+  c.data.update(dict(height=32, width=16, batch_size=16, eval_batch_size=64))
+  c.model.update(dict(depth=18, width=8))
+  c.pretrain.update(dict(epochs=1, iters=2, warmup_epochs=1, milestones=(5,), eval_every=0))
+  c.train.update(dict(epochs=2, iters=2, eval_every=1))
+  c.cluster.min_samples = 10_000  # no core point: DBSCAN finds no cluster, every epoch skipped
+  summary = run.train_and_evaluate(c, str(tmp_path / 'w'))
+  assert 'mAP' in summary['source only'] and 'mAP' not in summary['abmt (adapted)']
+  stored = json.loads((tmp_path / 'w' / 'results.json').read_text())
+  assert stored['abmt (adapted)'] == {'selection': 'last epoch'}
+
+
+@pytest.fixture()
+def world_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('JAXREID_DATA_CACHE', str(tmp_path / 'world'))
