@@ -81,8 +81,9 @@ def decode_images(paths: Sequence[str], height: int, width: int, *, progress: bo
         done += k
         # Reports at every 10%, once decoding has taken more than a second (quiet for small sets).
         if show and done / n >= next_report and time.time() - t0 >= PROGRESS_MIN_SECONDS:
-            print(f"decode_images: {done}/{n} ({100 * done / n:.0f}%) {time.time() - t0:.1f}s",
-                  file=sys.stderr, flush=True)
+            elapsed = time.time() - t0
+            print(f"decode_images: {done}/{n} ({100 * done / n:.0f}%) {elapsed:.1f}s, "
+                  f"eta {elapsed * (n - done) / done:.1f}s", file=sys.stderr, flush=True)
             next_report = np.floor(done / n * 10 + 1) / 10
 
     if num_threads <= 1:

@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from jaxreid.metrics_writer import format_duration, log
+
 __all__ = [
     "squared_distance",
     "evaluate",
@@ -405,8 +407,11 @@ def nearest_neighbours(features, k: int, *, mode: str = "train", square: bool = 
     for bi in range(nb):
         if done >= next_report * n_tiles and nb > 4:  # progress, for long runs
             vals.block_until_ready()
-            _log.info("neighbour pass: %d/%d tiles (%.0f%%) in %.1f s", done, n_tiles,
-                      100.0 * done / n_tiles, time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            if elapsed > 5.0 and done:
+                log(f"[neighbours] {done}/{n_tiles} tiles ({100.0 * done / n_tiles:.0f}%) "
+                    f"{format_duration(elapsed)} elapsed, eta "
+                    f"{format_duration(elapsed * (n_tiles - done) / done)}")
             next_report = math.floor(10.0 * done / n_tiles) / 10.0 + 0.1
         done += nb - bi
         for bj in range(bi, nb):

@@ -694,6 +694,8 @@ NUMERIC_RANGES = {
     'cluster.k1': (1, None, True), 'cluster.k2': (1, None, True),
     'cluster.lam': (0.0, 1.0, False), 'cluster.rho': (0.0, 1.0, False),
     'cluster.min_samples': (1, None, True),
+    'data.synthetic.num_train_ids': (2, None, True), 'data.synthetic.num_test_ids': (2, None, True),
+    'data.synthetic.min_images': (2, None, True), 'data.synthetic.max_images': (2, None, True),
 }
 
 
@@ -705,10 +707,12 @@ def validate_config(config) -> None:
   check(config.method in train_lib.METHODS, 'method',
         f'{config.method!r} is not one of {sorted(train_lib.METHODS)}')
   for key, (low, high, closed_high) in NUMERIC_RANGES.items():
-    section, name = key.split('.')
-    if section not in config or name not in config[section]:
+    node = config
+    for part in key.split('.'):
+      node = node.get(part) if hasattr(node, 'get') else None
+    if node is None:
       continue
-    value = config[section][name]
+    value = node
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
           and (high is None or (value <= high if closed_high else value < high)))
     check(ok, key, f'{value!r} is out of range: must be >= {low}'
