@@ -32,18 +32,28 @@ TASKS = {
     'cuhk2market_imagenet': ('cuhk03_detected', 'market1501'),
 }
 # Where a start-from-a-re-ID-model task takes its weights (config.init.pretrained).
-TASK_WEIGHTS = {'msmt2market': ('osnet_x0_25', 'osnet_x0_25_msmt17.pth'),
-                'market2cuhk': ('osnet_x0_25', 'osnet_x0_25_market1501.pth'),
-                'market2cuhk_imagenet': ('mobilenetv2', 'mobilenetv2_imagenet_features.pt'),
-                'cuhk2market_imagenet': ('mobilenetv2', 'mobilenetv2_imagenet_features.pt')}
+TASK_WEIGHTS = {
+    'msmt2market': ('osnet_x0_25', 'osnet_x0_25_msmt17.pth'),
+    'market2cuhk': ('osnet_x0_25', 'osnet_x0_25_market1501.pth'),
+    'market2cuhk_imagenet': ('mobilenetv2', 'mobilenetv2_imagenet_features.pt'),
+    'cuhk2market_imagenet': ('mobilenetv2', 'mobilenetv2_imagenet_features.pt'),
+}
 
 
 # K-means cluster counts (MMT-500 for Market <-> Duke, MMT-1500 for -> MSMT17; the small real
 # sets: about 0.8 x their number of training identities, 37 for PKU-Reid and 767 for CUHK03).
-TASK_CLUSTERS = {'market2duke': 500, 'duke2market': 500, 'market2msmt': 1500,
-                 'duke2msmt': 1500, 'cuhk2pku': 30, 'pku2cuhk': 600,
-                 'msmt2market': 500, 'market2cuhk': 600, 'market2cuhk_imagenet': 600,
-                 'cuhk2market_imagenet': 500}
+TASK_CLUSTERS = {
+    'market2duke': 500,
+    'duke2market': 500,
+    'market2msmt': 1500,
+    'duke2msmt': 1500,
+    'cuhk2pku': 30,
+    'pku2cuhk': 600,
+    'msmt2market': 500,
+    'market2cuhk': 600,
+    'market2cuhk_imagenet': 600,
+    'cuhk2market_imagenet': 500,
+}
 
 
 def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
@@ -51,54 +61,106 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
   c.method = method
   c.seed = 1
 
-  c.data = ml_collections.ConfigDict(dict(
-      source='synthetic_a', target='synthetic_b',
-      root='',            # parent folder holding <name>/ for each real data set
-      source_root='', target_root='',
-      height=64, width=32,
-      batch_size=32, num_instances=4,
-      eval_batch_size=256,
-      # The built-in synthetic world (jaxreid.data.synthetic.WorldConfig), generated once.
-      synthetic=ml_collections.ConfigDict(dict(
-          seed=0, num_train_ids=100, num_test_ids=50, min_images=8, max_images=12))))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          source='synthetic_a',
+          target='synthetic_b',
+          root='',  # parent folder holding <name>/ for each real data set
+          source_root='',
+          target_root='',
+          height=64,
+          width=32,
+          batch_size=32,
+          num_instances=4,
+          eval_batch_size=256,
+          # The built-in synthetic world (jaxreid.data.synthetic.WorldConfig), generated once.
+          synthetic=ml_collections.ConfigDict(
+              dict(seed=0, num_train_ids=100, num_test_ids=50, min_images=8, max_images=12)
+          ),
+      )
+  )
 
   # backbone: 'resnet' (depth, width, ibn), 'osnet_x1_0' .. 'osnet_x0_25', 'mobilenetv2'.
-  c.model = ml_collections.ConfigDict(dict(
-      arch='resnet', backbone='resnet', depth=18, width=16, ibn=False, stem_relu=None, last_stride=1,
-      pooling='avg', dropout=0.0, dtype='float32', norm_group_size=0))
+  c.model = ml_collections.ConfigDict(
+      dict(
+          arch='resnet',
+          backbone='resnet',
+          depth=18,
+          width=16,
+          ibn=False,
+          stem_relu=None,
+          last_stride=1,
+          pooling='avg',
+          dropout=0.0,
+          dtype='float32',
+          norm_group_size=0,
+      )
+  )
 
-  c.init = ml_collections.ConfigDict(dict(
-      # ImageNet or re-ID weights: a .msgpack (python -m jaxreid.convert) or a PyTorch file
-      # (torchvision / torchreid / MMT / ABMT state dict, converted on the fly); '' = random.
-      pretrained='',
-      checkpoints=('',),  # converted / exported source models; empty = pre-train here
-      skip_pretrain=False))
+  c.init = ml_collections.ConfigDict(
+      dict(
+          # ImageNet or re-ID weights: a .msgpack (python -m jaxreid.convert) or a PyTorch file
+          # (torchvision / torchreid / MMT / ABMT state dict, converted on the fly); '' = random.
+          pretrained='',
+          checkpoints=('',),  # converted / exported source models; empty = pre-train here
+          skip_pretrain=False,
+      )
+  )
 
   # Stage 1: supervised source pre-training (MMT: 80 x 100, lr 3.5e-4 from ImageNet weights,
   # warm-up 10, x0.1 at 40 and 70). The synthetic default trains from random initialisation, where
   # 3.5e-4 underfits in a CPU budget (measured, 300 steps, seed 2: source mAP 18.4 at 1e-3, 56.4 at
   # 2e-3, 56.5 at 3e-3 with target mAP 9.6 / 13.6), so it uses lr 3e-3; the real-data tasks use the
   # papers' values.
-  c.pretrain = ml_collections.ConfigDict(dict(
-      epochs=10, iters=30, lr=3e-3, warmup_epochs=2, milestones=(8,),
-      erasing_prob=0.0, target_bn=True, eval_every=5))
+  c.pretrain = ml_collections.ConfigDict(
+      dict(
+          epochs=10,
+          iters=30,
+          lr=3e-3,
+          warmup_epochs=2,
+          milestones=(8,),
+          erasing_prob=0.0,
+          target_bn=True,
+          eval_every=5,
+      )
+  )
 
   # Stage 2: adaptation (40 x 400 in the papers; constant lr, fresh Adam every epoch).
-  c.train = ml_collections.ConfigDict(dict(
-      epochs=6, iters=30, lr=3.5e-4, weight_decay=5e-4, ema_decay=0.999, erasing_prob=0.5,
-      eval_every=2, log_every=0, select_best_on_test=False,
-      # Coupling diagnostic every epoch (ABMT Fig. 4): costs one extra feature pass over the
-      # target training images per student.
-      coupling=True,
-      # Which augmented view each EMA teacher sees; () = the method's own (MMT: its student's;
-      # mean teacher: a second view; ABMT: its student's). E.g. (1,) gives ABMT's teacher a view
-      # of its own (an ablation, not the reference).
-      teacher_views=()))
+  c.train = ml_collections.ConfigDict(
+      dict(
+          epochs=6,
+          iters=30,
+          lr=3.5e-4,
+          weight_decay=5e-4,
+          ema_decay=0.999,
+          erasing_prob=0.5,
+          eval_every=2,
+          log_every=0,
+          select_best_on_test=False,
+          # Coupling diagnostic every epoch (ABMT Fig. 4): costs one extra feature pass over the
+          # target training images per student.
+          coupling=True,
+          # Which augmented view each EMA teacher sees; () = the method's own (MMT: its student's;
+          # mean teacher: a second view; ABMT: its student's). E.g. (1,) gives ABMT's teacher a view
+          # of its own (an ablation, not the reference).
+          teacher_views=(),
+      )
+  )
 
-  c.cluster = ml_collections.ConfigDict(dict(
-      method='kmeans', num_clusters=80, max_classes=0,
-      k1=20, k2=6, lam=0.0, rho=1.6e-3, eps_every_epoch=False, min_samples=4,
-      kmeans_backend='jax'))
+  c.cluster = ml_collections.ConfigDict(
+      dict(
+          method='kmeans',
+          num_clusters=80,
+          max_classes=0,
+          k1=20,
+          k2=6,
+          lam=0.0,
+          rho=1.6e-3,
+          eps_every_epoch=False,
+          min_samples=4,
+          kmeans_backend='jax',
+      )
+  )
 
   # Every weight name the method's objective accepts (jaxreid.objectives.weight_names) is a
   # field, unset by default (the objective's own defaults apply), so that any ablation is a
@@ -106,6 +168,7 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   if method != 'pretrain':
     from jaxreid import objectives
+
     for name in objectives.weight_names(method):
       c.loss[name] = ml_collections.config_dict.placeholder(float)
   c.eval = ml_collections.ConfigDict(dict(rerank=False))
@@ -137,8 +200,9 @@ def apply_task(c: ml_collections.ConfigDict, task: str) -> ml_collections.Config
   c.model.depth, c.model.width = 50, 64
   # The published runs normalised 16-image chunks (4-GPU DataParallel, batch 64).
   c.model.norm_group_size = 16
-  c.pretrain.update(dict(epochs=80, iters=100, lr=3.5e-4, warmup_epochs=10,
-                         milestones=(40, 70), eval_every=40))
+  c.pretrain.update(
+      dict(epochs=80, iters=100, lr=3.5e-4, warmup_epochs=10, milestones=(40, 70), eval_every=40)
+  )
   c.train.update(dict(epochs=40, iters=400, eval_every=1, log_every=100))
   return c
 
@@ -164,8 +228,9 @@ def _apply_real_task(c: ml_collections.ConfigDict, task: str) -> ml_collections.
   if backbone.startswith('osnet'):  # a re-ID model already: adapt it directly
     c.init.skip_pretrain = True
   else:  # ImageNet start: source pre-training first, with the papers' lr and schedule, shortened
-    c.pretrain.update(dict(epochs=20, iters=100, lr=3.5e-4, warmup_epochs=2, milestones=(15,),
-                           eval_every=20))
+    c.pretrain.update(
+        dict(epochs=20, iters=100, lr=3.5e-4, warmup_epochs=2, milestones=(15,), eval_every=20)
+    )
   c.train.update(dict(epochs=3, iters=100, eval_every=3, log_every=25))
   return c
 
@@ -178,8 +243,10 @@ def from_arg(method: str, arg: str = '', options: tuple = ()):
   tasks = parts & set(TASKS)
   unknown = parts - set(TASKS) - set(options)
   if unknown or len(tasks) > 1:
-    raise ValueError(f'config argument {arg!r}: expected at most one task of {sorted(TASKS)} '
-                     f'and options from {sorted(options)}')
+    raise ValueError(
+        f'config argument {arg!r}: expected at most one task of {sorted(TASKS)} '
+        f'and options from {sorted(options)}'
+    )
   c = get_config(method)
   task = tasks.pop() if tasks else None
   if task:
@@ -194,11 +261,13 @@ def from_arg(method: str, arg: str = '', options: tuple = ()):
 # 10.1 / 1,010, PKU-Reid 16 / 592, CUHK03 9.7 / 7,477. Measured on the synthetic target: the
 # papers' rho left 87% of the images as noise; scaling by 12,936 / N merged them into 12 clusters.
 _MARKET_PAIR_FRACTION = 17.2 / 12936
-RHO_SCALE = {None: (10.1 / 1010) / _MARKET_PAIR_FRACTION,
-             'cuhk2pku': (16.0 / 592) / _MARKET_PAIR_FRACTION,
-             'pku2cuhk': (9.7 / 7477) / _MARKET_PAIR_FRACTION,
-             'market2cuhk': (9.7 / 7477) / _MARKET_PAIR_FRACTION,
-             'market2cuhk_imagenet': (9.7 / 7477) / _MARKET_PAIR_FRACTION}
+RHO_SCALE = {
+    None: (10.1 / 1010) / _MARKET_PAIR_FRACTION,
+    'cuhk2pku': (16.0 / 592) / _MARKET_PAIR_FRACTION,
+    'pku2cuhk': (9.7 / 7477) / _MARKET_PAIR_FRACTION,
+    'market2cuhk': (9.7 / 7477) / _MARKET_PAIR_FRACTION,
+    'market2cuhk_imagenet': (9.7 / 7477) / _MARKET_PAIR_FRACTION,
+}
 
 
 def clustering_method_config(method: str, arg: str = '') -> ml_collections.ConfigDict:
@@ -210,8 +279,10 @@ def clustering_method_config(method: str, arg: str = '') -> ml_collections.Confi
   return c
 
 
-def use_dbscan(c: ml_collections.ConfigDict, task: str | None, rho: float = 1.6e-3,
-               every_epoch: bool = False):
+def use_dbscan(
+    c: ml_collections.ConfigDict, task: str | None, rho: float = 1.6e-3, every_epoch: bool = False
+):
   """DBSCAN on the k-reciprocal Jaccard distance; MMT fixes eps at epoch 0 (docs/reference.md s. 3)."""
-  c.cluster.update(dict(method='dbscan', rho=rho * RHO_SCALE.get(task, 1.0),
-                        eps_every_epoch=every_epoch))
+  c.cluster.update(
+      dict(method='dbscan', rho=rho * RHO_SCALE.get(task, 1.0), eps_every_epoch=every_epoch)
+  )

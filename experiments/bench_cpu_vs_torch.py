@@ -31,12 +31,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _torch_net(backbone: str):
   """(f, logits)-returning PyTorch network of the backbone, in its reference layout."""
   import torch
+
   if backbone == 'resnet':
-    from tests.test_convert import TMMT, TResNet  # the reference layout, as in the parity tests
+    from tests.test_convert import TMMT  # the reference layout, as in the parity tests
+    from tests.test_convert import TResNet  # the reference layout, as in the parity tests
+
     return TMMT(TResNet(50), 512)
   from tests import torch_reference as tr
 
   class TorchreidPair(torch.nn.Module):  # torchreid's loss='triplet' output order is (y, v)
+
     def __init__(self):
       super().__init__()
       self.net = getattr(tr, backbone)(num_classes=512, loss='triplet')
@@ -48,9 +52,17 @@ def _torch_net(backbone: str):
   return TorchreidPair()
 
 
-def torch_step_rate(method: str, height: int, width: int, batch: int, steps: int,
-                    threads: int, backbone: str = 'resnet') -> float:
+def torch_step_rate(
+    method: str,
+    height: int,
+    width: int,
+    batch: int,
+    steps: int,
+    threads: int,
+    backbone: str = 'resnet',
+) -> float:
   import torch
+
   sys.path.insert(0, REPO)
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -99,20 +111,41 @@ def torch_step_rate(method: str, height: int, width: int, batch: int, steps: int
   return batch * steps / (time.perf_counter() - t0)
 
 
-def jax_step_rate(method: str, height: int, width: int, batch: int, steps: int,
-                  xla_flags: str, backbone: str = 'resnet') -> float | None:
+def jax_step_rate(
+    method: str,
+    height: int,
+    width: int,
+    batch: int,
+    steps: int,
+    xla_flags: str,
+    backbone: str = 'resnet',
+) -> float | None:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'bench.json')
     env = dict(os.environ, XLA_FLAGS=xla_flags)
-    cmd = [sys.executable, '-m', 'jaxreid.benchmark', f'--methods={method}', '--dtypes=float32',
-           '--depth=50', '--width=64', f'--backbone={backbone}', f'--height={height}',
-           f'--img_width={width}',
-           f'--batch={batch}', f'--steps={steps}', '--train_images=256', '--test_images=64',
-           f'--json={out}']
+    cmd = [
+        sys.executable,
+        '-m',
+        'jaxreid.benchmark',
+        f'--methods={method}',
+        '--dtypes=float32',
+        '--depth=50',
+        '--width=64',
+        f'--backbone={backbone}',
+        f'--height={height}',
+        f'--img_width={width}',
+        f'--batch={batch}',
+        f'--steps={steps}',
+        '--train_images=256',
+        '--test_images=64',
+        f'--json={out}',
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(out):
-      print(f'jaxreid benchmark failed under XLA_FLAGS={xla_flags!r}:\n{proc.stderr[-2000:]}',
-            file=sys.stderr)
+      print(
+          f'jaxreid benchmark failed under XLA_FLAGS={xla_flags!r}:\n{proc.stderr[-2000:]}',
+          file=sys.stderr,
+      )
       return None
     with open(out) as f:
       return json.load(f)['rows'][0]['train_img_s']
@@ -120,16 +153,24 @@ def jax_step_rate(method: str, height: int, width: int, batch: int, steps: int,
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--sizes', default='256x128x16,128x64x32',
-                 help='comma-separated HEIGHTxWIDTHxBATCH')
+  p.add_argument(
+      '--sizes', default='256x128x16,128x64x32', help='comma-separated HEIGHTxWIDTHxBATCH'
+  )
   p.add_argument('--methods', default='pretrain,mmt')
-  p.add_argument('--backbones', default='resnet',
-                 help="comma-separated: resnet (ResNet-50), osnet_x0_25, ... (PyTorch side: "
-                      'tests/torch_reference.py)')
+  p.add_argument(
+      '--backbones',
+      default='resnet',
+      help='comma-separated: resnet (ResNet-50), osnet_x0_25, ... (PyTorch side: '
+      'tests/torch_reference.py)',
+  )
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--threads', type=int, default=2)
-  p.add_argument('--xla_flags', action='append', default=None,
-                 help='XLA_FLAGS values to compare for jaxreid (repeatable; default: as set)')
+  p.add_argument(
+      '--xla_flags',
+      action='append',
+      default=None,
+      help='XLA_FLAGS values to compare for jaxreid (repeatable; default: as set)',
+  )
   args = p.parse_args()
   variants = args.xla_flags or [os.environ.get('XLA_FLAGS', '')]
   rows = []
@@ -141,10 +182,15 @@ def main():
         for flags in variants:
           j = jax_step_rate(method, h, w, b, args.steps, flags, backbone)
           rows.append((backbone, f'{h}x{w}', b, method, flags or '(default)', t, j))
-          print(f'{backbone} {h}x{w} b{b} {method:8s} torch {t:6.2f} img/s  jaxreid '
-                f'{j or float("nan"):6.2f} img/s  XLA_FLAGS={flags!r}', flush=True)
-  print('\n| backbone | size | batch | step | XLA_FLAGS | PyTorch img/s | jaxreid img/s | '
-        'jaxreid / PyTorch |')
+          print(
+              f'{backbone} {h}x{w} b{b} {method:8s} torch {t:6.2f} img/s  jaxreid '
+              f'{j or float("nan"):6.2f} img/s  XLA_FLAGS={flags!r}',
+              flush=True,
+          )
+  print(
+      '\n| backbone | size | batch | step | XLA_FLAGS | PyTorch img/s | jaxreid img/s | '
+      'jaxreid / PyTorch |'
+  )
   print('|---|---|---|---|---|---|---|---|')
   for backbone, size, b, method, flags, t, j in rows:
     ratio = f'{j / t:.2f}' if j else 'failed'

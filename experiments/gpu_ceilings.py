@@ -5,6 +5,7 @@ this may use TF32 tensor cores) and float32 at 'highest' precision, plus device-
 bandwidth. Random inputs, median of timed repeats after a warm-up.
 Usage: python experiments/gpu_ceilings.py
 """
+
 import time
 
 import jax
@@ -28,12 +29,12 @@ def main():
   key = jax.random.PRNGKey(0)
   a32 = jax.random.normal(key, (n, n), jnp.float32)
   b32 = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32)
-  flops = 2 * n ** 3
-  for name, a, b, precision in [('bfloat16', a32.astype(jnp.bfloat16), b32.astype(jnp.bfloat16),
-                                  None),
-                                 ('float32 default precision', a32, b32, None),
-                                 ('float32 highest precision', a32, b32,
-                                  jax.lax.Precision.HIGHEST)]:
+  flops = 2 * n**3
+  for name, a, b, precision in [
+      ('bfloat16', a32.astype(jnp.bfloat16), b32.astype(jnp.bfloat16), None),
+      ('float32 default precision', a32, b32, None),
+      ('float32 highest precision', a32, b32, jax.lax.Precision.HIGHEST),
+  ]:
     fn = jax.jit(lambda x, y, p=precision: jnp.dot(x, y, precision=p))
     s = median_seconds(fn, a, b)
     print(f'matmul {n}^3 {name:28s} {flops / s / 1e12:8.1f} TFLOP/s')

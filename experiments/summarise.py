@@ -30,8 +30,10 @@ def _last_record(path, stage_prefix=None, key=None):
 
 
 def main(folder: str) -> None:
-  print(f'| run ({folder}) | source-only mAP / top-1 | adapted mAP | top-1 | top-5 | top-10 | '
-        'coupling teachers / teacher-student | branch mAP avg / max (source -> adapted) |')
+  print(
+      f'| run ({folder}) | source-only mAP / top-1 | adapted mAP | top-1 | top-5 | top-10 | '
+      'coupling teachers / teacher-student | branch mAP avg / max (source -> adapted) |'
+  )
   print('|---|---|---|---|---|---|---|---|')
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
@@ -45,19 +47,32 @@ def main(folder: str) -> None:
       src = res.get('source only') or {}
       adapted = next((r for label, r in res.items() if 'adapted' in label), None) or {}
       coup = _last_record(metrics, key='coupling/teacher_student') or {}
-      c = ' / '.join(f'{coup[k]:.3f}' for k in ('coupling/teachers', 'coupling/teacher_student')
-                     if k in coup) or '-'
+      c = (
+          ' / '.join(
+              f'{coup[k]:.3f}'
+              for k in ('coupling/teachers', 'coupling/teacher_student')
+              if k in coup
+          )
+          or '-'
+      )
       cells = [f"{src.get('mAP', float('nan')):.1f} / {src.get('top1', float('nan')):.1f}"]
-      cells += [f"{adapted[k]:.1f}" if k in adapted else '-' for k in ('mAP', 'top1', 'top5',
-                                                                         'top10')]
-      branches = ' -> '.join(f"{r['avg/mAP']:.1f} / {r['max/mAP']:.1f}" for r in (src, adapted)
-                             if 'avg/mAP' in r) or '-'
+      cells += [
+          f'{adapted[k]:.1f}' if k in adapted else '-' for k in ('mAP', 'top1', 'top5', 'top10')
+      ]
+      branches = (
+          ' -> '.join(
+              f"{r['avg/mAP']:.1f} / {r['max/mAP']:.1f}" for r in (src, adapted) if 'avg/mAP' in r
+          )
+          or '-'
+      )
       print(f'| {name} | ' + ' | '.join(cells) + f' | {c} | {branches} |')
     elif name.startswith('pretrain'):
       r = _last_record(metrics, stage_prefix='pretrain_final')
       if r:
-        print(f"| {name} (source model) | {r['target/mAP']:.1f} / {r['target/top1']:.1f} | "
-              f"source domain: {r['source/mAP']:.1f} | {r['source/top1']:.1f} | - | - | - | - |")
+        print(
+            f"| {name} (source model) | {r['target/mAP']:.1f} / {r['target/top1']:.1f} | "
+            f"source domain: {r['source/mAP']:.1f} | {r['source/top1']:.1f} | - | - | - | - |"
+        )
 
 
 if __name__ == '__main__':

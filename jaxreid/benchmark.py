@@ -35,16 +35,23 @@ flags.DEFINE_integer('img_width', 32, 'Input width.')
 flags.DEFINE_integer('batch', 32, 'Global batch size.')
 flags.DEFINE_integer('steps', 10, 'Timed steps per measurement (after one warm-up call).')
 flags.DEFINE_integer('num_classes', 512, 'Classifier width.')
-flags.DEFINE_integer('train_images', 1024, 'Target training-set size for clustering and '
-                     'feature extraction (Market-1501: 12936).')
-flags.DEFINE_integer('test_images', 512, 'Query + gallery size for the projected evaluation '
-                     '(Market-1501: 19281).')
+flags.DEFINE_integer(
+    'train_images',
+    1024,
+    'Target training-set size for clustering and ' 'feature extraction (Market-1501: 12936).',
+)
+flags.DEFINE_integer(
+    'test_images', 512, 'Query + gallery size for the projected evaluation ' '(Market-1501: 19281).'
+)
 flags.DEFINE_integer('num_clusters', 64, 'K-means clusters (MMT-500 on Market).')
 flags.DEFINE_integer('epochs', 40, 'Projected schedule: epochs.')
 flags.DEFINE_integer('iters', 400, 'Projected schedule: iterations per epoch.')
 flags.DEFINE_string('json', '', 'Write the results to this JSON file.')
-flags.DEFINE_integer('cluster_dim', 0, 'Feature dimension for the clustering measurement '
-                     '(0 = the model\'s; 2048 = ResNet-50).')
+flags.DEFINE_integer(
+    'cluster_dim',
+    0,
+    'Feature dimension for the clustering measurement ' "(0 = the model's; 2048 = ResNet-50).",
+)
 flags.DEFINE_bool('scan', None, 'Use lax.scan for the step loop (default: not on CPU).')
 FLAGS = flags.FLAGS
 
@@ -71,6 +78,7 @@ def peak_tflops(device_kind: str, dtype: str):
 
 def peak_memory_bytes() -> tuple[int, str]:
   import jax
+
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak'
@@ -80,6 +88,7 @@ def peak_memory_bytes() -> tuple[int, str]:
 def structured_features(n: int, dim: int, ids: int, seed: int = 0):
   """Unit features around `ids` random centres (noisy clusters), like a re-ID feature set."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
   centres = rng.normal(size=(ids, dim)).astype(np.float32)
   x = centres[rng.integers(0, ids, n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
@@ -89,32 +98,55 @@ def structured_features(n: int, dim: int, ids: int, seed: int = 0):
 def measure_method(method: str, dtype: str) -> dict:
   import jax
   import numpy as np
+
   from jaxreid import features as features_lib
-  from jaxreid import models, objectives, run
+  from jaxreid import models
+  from jaxreid import objectives
+  from jaxreid import run
   from jaxreid import train as train_lib
 
   spec = train_lib.METHODS[method]
   arch = 'abmt' if method == 'abmt' else 'resnet'
-  model = models.create_model(dict(arch=arch, backbone=FLAGS.backbone, depth=FLAGS.depth,
-                                   width=FLAGS.width,
-                                   num_classes=FLAGS.num_classes, dtype=dtype))
+  model = models.create_model(
+      dict(
+          arch=arch,
+          backbone=FLAGS.backbone,
+          depth=FLAGS.depth,
+          width=FLAGS.width,
+          num_classes=FLAGS.num_classes,
+          dtype=dtype,
+      )
+  )
   mesh = train_lib.make_mesh()
   tx = train_lib.make_optimizer(3.5e-4)
   students = [models.init_variables(model, s) for s in range(spec.num_students)]
-  state = train_lib.replicate(train_lib.create_train_state(spec, students, tx,
-                                                           jax.random.PRNGKey(0)), mesh)
+  state = train_lib.replicate(
+      train_lib.create_train_state(spec, students, tx, jax.random.PRNGKey(0)), mesh
+  )
   h, w, b = FLAGS.height, FLAGS.img_width, FLAGS.batch
   n = max(4 * b, 256)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
   labels = (np.arange(n) // 4 % FLAGS.num_classes).astype(np.int32)
-  data = train_lib.replicate(train_lib.EpochData(
-      images=images, labels=labels, class_mask=models.class_mask(n // 4, FLAGS.num_classes),
-      target_images=images), mesh)
-  terms = (run.pretrain_terms(arch) if method == 'pretrain'
-           else objectives.build_objective(method))
-  step_fn = train_lib.make_train_step(model, spec, terms, tx, target_bn_pass=method == 'pretrain',
-                                      erasing_prob=0.0 if method == 'pretrain' else 0.5, mesh=mesh)
+  data = train_lib.replicate(
+      train_lib.EpochData(
+          images=images,
+          labels=labels,
+          class_mask=models.class_mask(n // 4, FLAGS.num_classes),
+          target_images=images,
+      ),
+      mesh,
+  )
+  terms = run.pretrain_terms(arch) if method == 'pretrain' else objectives.build_objective(method)
+  step_fn = train_lib.make_train_step(
+      model,
+      spec,
+      terms,
+      tx,
+      target_bn_pass=method == 'pretrain',
+      erasing_prob=0.0 if method == 'pretrain' else 0.5,
+      mesh=mesh,
+  )
   chunk = train_lib.make_train_chunk(step_fn, mesh, use_scan=FLAGS.scan)
   idx = np.stack([rng.permutation(n)[:b] for _ in range(FLAGS.steps)]).astype(np.int32)
   # The first call compiles (one program for the whole chunk) and runs it; the second is timed.
@@ -148,16 +180,27 @@ def measure_method(method: str, dtype: str) -> dict:
   peak = peak_tflops(jax.devices()[0].device_kind, dtype)
   achieved = step_flops / step_s / 1e12
   mem, mem_kind = peak_memory_bytes()
-  return dict(method=method, dtype=dtype, compile_s=compile_s, step_ms=step_s * 1e3,
-              train_img_s=b / step_s, extract_img_s=extract_ips, tflops=achieved,
-              mfu=(achieved / peak) if peak else None, peak_memory_gb=mem / 2**30,
-              memory_kind=mem_kind, feature_dim=int(feats.shape[1]))
+  return dict(
+      method=method,
+      dtype=dtype,
+      compile_s=compile_s,
+      step_ms=step_s * 1e3,
+      train_img_s=b / step_s,
+      extract_img_s=extract_ips,
+      tflops=achieved,
+      mfu=(achieved / peak) if peak else None,
+      peak_memory_gb=mem / 2**30,
+      memory_kind=mem_kind,
+      feature_dim=int(feats.shape[1]),
+  )
 
 
 def measure_clustering(method: str, dim: int) -> tuple[float, float]:
   """(first, warm) seconds of features -> labels; the first call includes compilation, which a
   run pays once (epoch 1), so the projection uses the warm time."""
-  from jaxreid import clustering, retrieval
+  from jaxreid import clustering
+  from jaxreid import retrieval
+
   feats = structured_features(FLAGS.train_images, dim, max(FLAGS.train_images // 15, 2))
 
   def once():
@@ -179,10 +222,14 @@ def measure_clustering(method: str, dim: int) -> tuple[float, float]:
 def main(argv):
   del argv
   import jax
+
   device = jax.devices()[0]
-  print(f'devices: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}); '
-        f'ResNet-{FLAGS.depth} width {FLAGS.width}, {FLAGS.height}x{FLAGS.img_width}, '
-        f'batch {FLAGS.batch}', flush=True)
+  print(
+      f'devices: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}); '
+      f'ResNet-{FLAGS.depth} width {FLAGS.width}, {FLAGS.height}x{FLAGS.img_width}, '
+      f'batch {FLAGS.batch}',
+      flush=True,
+  )
   rows = []
   for method in FLAGS.methods:
     cluster_s = None
@@ -190,51 +237,79 @@ def main(argv):
       r = measure_method(method, dtype)
       if cluster_s is None:
         cluster_first_s, cluster_s = measure_clustering(
-            method, FLAGS.cluster_dim or r['feature_dim'])
+            method, FLAGS.cluster_dim or r['feature_dim']
+        )
       r['cluster_s'], r['cluster_first_s'] = cluster_s, cluster_first_s
       # Projection for the papers' schedule from measured parts.
       n_teachers = 2 if method == 'mmt' else 1
-      extract_s = (FLAGS.train_images * n_teachers + FLAGS.test_images * n_teachers) / \
-          r['extract_img_s']
+      extract_s = (FLAGS.train_images * n_teachers + FLAGS.test_images * n_teachers) / r[
+          'extract_img_s'
+      ]
       if method == 'pretrain':
         r['projected_min'] = 80 * 100 * r['step_ms'] / 1e3 / 60
       else:
-        r['projected_min'] = (FLAGS.epochs * FLAGS.iters * r['step_ms'] / 1e3
-                              + FLAGS.epochs * (cluster_s + extract_s)) / 60
+        r['projected_min'] = (
+            FLAGS.epochs * FLAGS.iters * r['step_ms'] / 1e3 + FLAGS.epochs * (cluster_s + extract_s)
+        ) / 60
       rows.append(r)
       print(format_row(r), flush=True)
   print()
   print(format_table(rows))
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
-      json.dump({'device': device.device_kind, 'backend': jax.default_backend(),
-                 'num_devices': jax.device_count(), 'jax': jax.__version__,
-                 'flags': {k: FLAGS[k].value for k in ('depth', 'width', 'height', 'img_width',
-                                                       'batch', 'steps', 'train_images',
-                                                       'test_images', 'num_clusters')},
-                 'rows': rows}, f, indent=2)
+      json.dump(
+          {
+              'device': device.device_kind,
+              'backend': jax.default_backend(),
+              'num_devices': jax.device_count(),
+              'jax': jax.__version__,
+              'flags': {
+                  k: FLAGS[k].value
+                  for k in (
+                      'depth',
+                      'width',
+                      'height',
+                      'img_width',
+                      'batch',
+                      'steps',
+                      'train_images',
+                      'test_images',
+                      'num_clusters',
+                  )
+              },
+              'rows': rows,
+          },
+          f,
+          indent=2,
+      )
     print(f'wrote {FLAGS.json}')
 
 
 def format_row(r: dict) -> str:
   mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
-  return (f"{r['method']:13s} {r['dtype']:9s} compile {r['compile_s']:6.1f}s  step "
-          f"{r['step_ms']:8.1f} ms  train {r['train_img_s']:8.1f} img/s  extract "
-          f"{r['extract_img_s']:8.1f} img/s  cluster {r['cluster_s']:6.2f}s  "
-          f"{r['tflops']:6.2f} TFLOP/s (MFU {mfu})  mem {r['peak_memory_gb']:.2f} GB  "
-          f"projected {r['projected_min']:.1f} min")
+  return (
+      f"{r['method']:13s} {r['dtype']:9s} compile {r['compile_s']:6.1f}s  step "
+      f"{r['step_ms']:8.1f} ms  train {r['train_img_s']:8.1f} img/s  extract "
+      f"{r['extract_img_s']:8.1f} img/s  cluster {r['cluster_s']:6.2f}s  "
+      f"{r['tflops']:6.2f} TFLOP/s (MFU {mfu})  mem {r['peak_memory_gb']:.2f} GB  "
+      f"projected {r['projected_min']:.1f} min"
+  )
 
 
 def format_table(rows) -> str:
-  head = ('| method | dtype | compile s | step ms | train img/s | extract img/s | cluster s | '
-          'TFLOP/s | MFU | peak mem GB | projected full run (min) |')
+  head = (
+      '| method | dtype | compile s | step ms | train img/s | extract img/s | cluster s | '
+      'TFLOP/s | MFU | peak mem GB | projected full run (min) |'
+  )
   lines = [head, '|' + '---|' * 11]
   for r in rows:
     mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a'
-    lines.append(f"| {r['method']} | {r['dtype']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
-                 f"{r['train_img_s']:.1f} | {r['extract_img_s']:.1f} | {r['cluster_s']:.2f} | "
-                 f"{r['tflops']:.3f} | {mfu} | {r['peak_memory_gb']:.2f} ({r['memory_kind']}) | "
-                 f"{r['projected_min']:.1f} |")
+    lines.append(
+        f"| {r['method']} | {r['dtype']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | "
+        f"{r['train_img_s']:.1f} | {r['extract_img_s']:.1f} | {r['cluster_s']:.2f} | "
+        f"{r['tflops']:.3f} | {mfu} | {r['peak_memory_gb']:.2f} ({r['memory_kind']}) | "
+        f"{r['projected_min']:.1f} |"
+    )
   return '\n'.join(lines)
 
 

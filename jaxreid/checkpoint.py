@@ -31,8 +31,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = KEEP):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=False)
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+    )
     self._managers: dict[str, ocp.CheckpointManager] = {}
     for kind in ('latest', 'best'):  # open what exists; `best` is only created when saved
       if os.path.isdir(os.path.join(self.directory, kind)):
@@ -40,15 +41,18 @@ class Checkpointer:
 
   def _manager(self, kind: str) -> ocp.CheckpointManager:
     if kind not in self._managers:
-      self._managers[kind] = ocp.CheckpointManager(os.path.join(self.directory, kind),
-                                                   options=self._options,
-                                                   item_names=('state', 'meta'))
+      self._managers[kind] = ocp.CheckpointManager(
+          os.path.join(self.directory, kind), options=self._options, item_names=('state', 'meta')
+      )
     return self._managers[kind]
 
   def save(self, step: int, state: Any, meta: dict, *, kind: str = 'latest') -> None:
     manager = self._manager(kind)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
     manager.wait_until_finished()
 
   def latest_step(self, kind: str = 'latest') -> int | None:
@@ -69,20 +73,27 @@ class Checkpointer:
     damaged = []
     for s in steps:
       try:
-        restored = manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            s,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
       except Exception as e:  # noqa: BLE001 - Orbax / tensorstore raise many unrelated types
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         damaged.append(f'{os.path.join(self.directory, kind, str(s))} ({reason})')
         continue
       if damaged:
-        log(f'[checkpoint] unreadable, skipped: {"; ".join(damaged)}; restored the previous '
-            f'one ({kind} step {s})')
+        log(
+            f'[checkpoint] unreadable, skipped: {"; ".join(damaged)}; restored the previous '
+            f'one ({kind} step {s})'
+        )
       return restored['state'], dict(restored['meta'])
     raise CheckpointError(
         f'no readable {kind!r} checkpoint: {"; ".join(damaged)}. Delete '
         f'{os.path.join(self.directory, kind)} to start this stage again (finished stages '
-        'and pre-trained models are kept), or use a new --workdir.')
+        'and pre-trained models are kept), or use a new --workdir.'
+    )
 
   def close(self) -> None:
     for manager in self._managers.values():

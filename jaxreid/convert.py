@@ -49,16 +49,28 @@ import os
 import pickle
 import re
 import sys
+from typing import Any
+from typing import Mapping
 import zipfile
-from typing import Any, Mapping
 
 import numpy as np
 
-FORMATS = ('auto', 'torchvision', 'ibn', 'mmt', 'abmt', 'torchreid', 'mobilenetv2',
-           'mobilenetv2_flat')
+FORMATS = (
+    'auto',
+    'torchvision',
+    'ibn',
+    'mmt',
+    'abmt',
+    'torchreid',
+    'mobilenetv2',
+    'mobilenetv2_flat',
+)
 # Which backbone each checkpoint format holds.
-FORMAT_BACKBONE = {'torchreid': 'osnet', 'mobilenetv2': 'mobilenetv2',
-                   'mobilenetv2_flat': 'mobilenetv2'}
+FORMAT_BACKBONE = {
+    'torchreid': 'osnet',
+    'mobilenetv2': 'mobilenetv2',
+    'mobilenetv2_flat': 'mobilenetv2',
+}
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -75,20 +87,40 @@ class ConversionError(ValueError):
 
 def _bf16():
   import ml_dtypes  # ships with jax
+
   return np.dtype(ml_dtypes.bfloat16)
 
 
 _STORAGE_DTYPES = {
-    'FloatStorage': 'float32', 'DoubleStorage': 'float64', 'HalfStorage': 'float16',
-    'BFloat16Storage': 'bfloat16', 'LongStorage': 'int64', 'IntStorage': 'int32',
-    'ShortStorage': 'int16', 'CharStorage': 'int8', 'ByteStorage': 'uint8',
-    'BoolStorage': 'bool', 'UntypedStorage': 'uint8',
+    'FloatStorage': 'float32',
+    'DoubleStorage': 'float64',
+    'HalfStorage': 'float16',
+    'BFloat16Storage': 'bfloat16',
+    'LongStorage': 'int64',
+    'IntStorage': 'int32',
+    'ShortStorage': 'int16',
+    'CharStorage': 'int8',
+    'ByteStorage': 'uint8',
+    'BoolStorage': 'bool',
+    'UntypedStorage': 'uint8',
 }
 _TORCH_DTYPES = {
-    'float32': 'float32', 'float': 'float32', 'float64': 'float64', 'double': 'float64',
-    'float16': 'float16', 'half': 'float16', 'bfloat16': 'bfloat16', 'int64': 'int64',
-    'long': 'int64', 'int32': 'int32', 'int': 'int32', 'int16': 'int16', 'short': 'int16',
-    'int8': 'int8', 'uint8': 'uint8', 'bool': 'bool',
+    'float32': 'float32',
+    'float': 'float32',
+    'float64': 'float64',
+    'double': 'float64',
+    'float16': 'float16',
+    'half': 'float16',
+    'bfloat16': 'bfloat16',
+    'int64': 'int64',
+    'long': 'int64',
+    'int32': 'int32',
+    'int': 'int32',
+    'int16': 'int16',
+    'short': 'int16',
+    'int8': 'int8',
+    'uint8': 'uint8',
+    'bool': 'bool',
 }
 
 
@@ -135,10 +167,12 @@ class _LazyTensor:
     if not isinstance(st, _Storage):
       raise pickle.UnpicklingError(f'tensor rebuilt from a non-storage {type(st).__name__}')
     ints = (self.offset, base_offset) + self.size + self.stride
-    if (not all(isinstance(v, (int, np.integer)) and v >= 0 for v in ints)
-        or len(self.size) != len(self.stride)):
-      raise pickle.UnpicklingError(f'bad tensor geometry: offset {self.offset}, size {self.size}, '
-                                   f'stride {self.stride}')
+    if not all(isinstance(v, (int, np.integer)) and v >= 0 for v in ints) or len(self.size) != len(
+        self.stride
+    ):
+      raise pickle.UnpicklingError(
+          f'bad tensor geometry: offset {self.offset}, size {self.size}, ' f'stride {self.stride}'
+      )
     if st.data is None:
       raise pickle.UnpicklingError('checkpoint storage was never read (truncated file?)')
     flat = st.data
@@ -147,12 +181,14 @@ class _LazyTensor:
     numel = int(np.prod(self.size, dtype=np.int64))
     if numel == 0:
       return np.zeros(self.size, flat.dtype)
-    flat = flat[base_offset + self.offset:]
+    flat = flat[base_offset + self.offset :]
     strides = tuple(s * flat.dtype.itemsize for s in self.stride)
     extent = 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride))
     if extent > flat.size:
-      raise pickle.UnpicklingError(f'tensor of size {self.size} stride {self.stride} exceeds '
-                                   f'its storage ({flat.size} elements)')
+      raise pickle.UnpicklingError(
+          f'tensor of size {self.size} stride {self.stride} exceeds '
+          f'its storage ({flat.size} elements)'
+      )
     return np.lib.stride_tricks.as_strided(flat, self.size, strides).copy()
 
 
@@ -160,13 +196,15 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
   return _LazyTensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
   return _LazyTensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
-                       dtype, metadata=None):
+def _rebuild_tensor_v3(
+    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+):
   dt = dtype.dtype if isinstance(dtype, _StorageType) else None
   return _LazyTensor(storage, storage_offset, size, stride, dt)
 
@@ -204,6 +242,7 @@ def _codecs_encode(obj, encoding='utf-8'):
 
 
 class _TypeMarker:
+
   def __init__(self, name):
     self.name = name
 
@@ -244,7 +283,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
       raise UnsafeCheckpointError(
           f'{self._source}: refusing to load global {module}.{name}: only plain tensor '
           'checkpoints (dicts of tensors / numbers / strings) can be converted; nothing from the '
-          'file was executed') from None
+          'file was executed'
+      ) from None
 
   def persistent_load(self, pid):
     if self._persistent_load_fn is None:
@@ -264,7 +304,7 @@ def _load_zip(path: str) -> Any:
     pkls = [n for n in names if n.endswith('data.pkl') and n.count('/') == 1]
     if len(pkls) != 1:
       raise pickle.UnpicklingError(f'{path}: not a torch zip checkpoint (no <name>/data.pkl)')
-    prefix = pkls[0][:-len('data.pkl')]
+    prefix = pkls[0][: -len('data.pkl')]
     big_endian = False
     if prefix + 'byteorder' in names:
       big_endian = zf.read(prefix + 'byteorder').decode().strip() == 'big'
@@ -287,20 +327,23 @@ def _load_zip(path: str) -> Any:
     return up.load()
 
 
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def _load_legacy(path: str) -> Any:
   with open(path, 'rb') as f:
+
     def plain():
       return _RestrictedUnpickler(f, None, path).load()
+
     try:
       magic = plain()
     except UnsafeCheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 - anything else means "not this format"
-      raise pickle.UnpicklingError(f'{path}: neither a torch zip nor a legacy torch checkpoint '
-                                   f'({e})') from None
+      raise pickle.UnpicklingError(
+          f'{path}: neither a torch zip nor a legacy torch checkpoint ' f'({e})'
+      ) from None
     if magic != _LEGACY_MAGIC:
       raise pickle.UnpicklingError(f'{path}: not a torch checkpoint (bad magic number)')
     plain()  # protocol version
@@ -334,8 +377,10 @@ def _load_legacy(path: str) -> Any:
       numel = int(np.frombuffer(header, '<i8')[0])
       # The declared size must fit in what is left of the file: never allocate on its word.
       if numel < 0 or numel * st.dtype.itemsize > file_size - f.tell():
-        raise pickle.UnpicklingError(f'{path}: storage {key} declares {numel} elements, more '
-                                     'than the file holds (truncated or corrupt file)')
+        raise pickle.UnpicklingError(
+            f'{path}: storage {key} declares {numel} elements, more '
+            'than the file holds (truncated or corrupt file)'
+        )
       raw = f.read(numel * st.dtype.itemsize)
       if len(raw) != numel * st.dtype.itemsize:
         raise pickle.UnpicklingError(f'{path}: truncated storage {key}')
@@ -378,14 +423,16 @@ def extract_state_dict(obj) -> dict[str, np.ndarray]:
   if isinstance(obj, Mapping) and 'state_dict' in obj:
     obj = obj['state_dict']
   if not isinstance(obj, Mapping) or not obj:
-    raise ConversionError('checkpoint holds no state dict (expected a dict of tensors or a dict '
-                          "with a 'state_dict' entry)")
+    raise ConversionError(
+        'checkpoint holds no state dict (expected a dict of tensors or a dict '
+        "with a 'state_dict' entry)"
+    )
   out = {}
   for k, v in obj.items():
     if not isinstance(v, np.ndarray):
       raise ConversionError(f'state dict entry {k!r} is not a tensor ({type(v).__name__})')
     while k.startswith('module.'):
-      k = k[len('module.'):]
+      k = k[len('module.') :]
     out[k] = v
   return out
 
@@ -406,9 +453,11 @@ def detect_format(state_dict: Mapping[str, Any]) -> str:
     return 'ibn'
   if 'conv1.weight' in state_dict:
     return 'torchvision'
-  raise ConversionError('cannot recognise the checkpoint layout (no conv1.weight / base.* / '
-                        'global_branch.* / torchreid OSNet / torchvision MobileNetV2 keys); '
-                        f'first keys: {keys[:5]}')
+  raise ConversionError(
+      'cannot recognise the checkpoint layout (no conv1.weight / base.* / '
+      'global_branch.* / torchreid OSNet / torchvision MobileNetV2 keys); '
+      f'first keys: {keys[:5]}'
+  )
 
 
 def checkpoint_backbone(state_dict: Mapping[str, Any], fmt: str) -> str:
@@ -418,12 +467,14 @@ def checkpoint_backbone(state_dict: Mapping[str, Any], fmt: str) -> str:
   if kind != 'osnet':
     return kind
   from jaxreid import osnet
+
   c0 = int(np.shape(state_dict['conv1.conv.weight'])[0])
   for name, channels in osnet.CHANNELS.items():
     if channels[0] == c0:
       return name
-  raise ConversionError(f'torchreid OSNet with {c0} stem channels matches none of '
-                        f'{sorted(osnet.CHANNELS)}')
+  raise ConversionError(
+      f'torchreid OSNet with {c0} stem channels matches none of ' f'{sorted(osnet.CHANNELS)}'
+  )
 
 
 def _twin_key(path, fmt: str) -> str | None:
@@ -431,7 +482,9 @@ def _twin_key(path, fmt: str) -> str | None:
   None for what the checkpoint cannot hold (ABMT's extra block and max-branch head, necks and
   classifiers of ImageNet backbones): those are freshly initialised. ABMT's max branch takes a
   copy of the last stage (as ABMT copies ResNet's layer4)."""
-  from jaxreid import mobilenetv2, osnet
+  from jaxreid import mobilenetv2
+  from jaxreid import osnet
+
   _, top, *mid, leaf = path
   leaf = _LEAF_NAMES[leaf]
   if top == 'max_branch' and mid[0] == 'extra':
@@ -449,15 +502,26 @@ def _twin_key(path, fmt: str) -> str | None:
 def _base_layer1_index(state_dict) -> int:
   """Index of layer1 inside the reference's `base` Sequential: 3 for (conv1, bn1, maxpool, ...),
   4 when a ReLU module sits in the stem (IBN variants)."""
-  idx = sorted({int(m.group(1)) for k in state_dict
-                for m in [re.match(r'base\.(\d+)\.0\.conv1\.weight$', k)] if m})
+  idx = sorted(
+      {
+          int(m.group(1))
+          for k in state_dict
+          for m in [re.match(r'base\.(\d+)\.0\.conv1\.weight$', k)]
+          if m
+      }
+  )
   if not idx:
     raise ConversionError('mmt/abmt checkpoint without base.<i>.0.conv1.weight (layer1) keys')
   return idx[0]
 
 
-_LEAF_NAMES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var',
-               'kernel': 'weight'}
+_LEAF_NAMES = {
+    'scale': 'weight',
+    'bias': 'bias',
+    'mean': 'running_mean',
+    'var': 'running_var',
+    'kernel': 'weight',
+}
 
 
 def _torch_module_name(parts) -> str:
@@ -482,12 +546,13 @@ def _source_key(top: str, rest: str, fmt: str, is_abmt: bool, layer1: int):
     if top in ('backbone', 'avg_branch') or (top == 'max_branch' and rest.startswith('layer4.')):
       return rest
     return None
+
   # mmt / abmt: `base` Sequential of conv1, bn1, [relu,] maxpool, layer1.. ; then the head.
   def base(r):
     if r.startswith('conv1.'):
-      return 'base.0.' + r[len('conv1.'):]
+      return 'base.0.' + r[len('conv1.') :]
     if r.startswith('bn1.'):
-      return 'base.1.' + r[len('bn1.'):]
+      return 'base.1.' + r[len('bn1.') :]
     m = re.match(r'layer(\d)\.(.*)$', r)
     return f'base.{layer1 + int(m.group(1)) - 1}.{m.group(2)}'
 
@@ -497,8 +562,12 @@ def _source_key(top: str, rest: str, fmt: str, is_abmt: bool, layer1: int):
     if top in ('avg_branch', 'max_branch'):
       return base(rest) if rest.startswith('layer4.') else None
     # into ABMTNet: the avg branch takes MMT's head, the max branch's head is fresh
-    head = {'neck': 'feat_bn', 'avg_neck': 'feat_bn', 'classifier': 'classifier',
-            'avg_classifier': 'classifier'}.get(top)
+    head = {
+        'neck': 'feat_bn',
+        'avg_neck': 'feat_bn',
+        'classifier': 'classifier',
+        'avg_classifier': 'classifier',
+    }.get(top)
     return None if head is None else f'{head}.{rest}'
   if fmt == 'abmt':
     if not is_abmt:
@@ -506,13 +575,21 @@ def _source_key(top: str, rest: str, fmt: str, is_abmt: bool, layer1: int):
     if top == 'backbone':
       return base(rest)
     if top == 'avg_branch':
-      return 'global_branch.' + rest[len('layer4.'):]
+      return 'global_branch.' + rest[len('layer4.') :]
     if top == 'max_branch':
       if rest.startswith('extra.'):
-        return 'max_branch.1.' + rest[len('extra.'):]
-      return 'max_branch.0.' + rest[len('layer4.'):]
-    return {'avg_neck': 'feat_bn', 'max_neck': 'feat_bn_max', 'avg_classifier': 'classifier',
-            'max_classifier': 'classifier_max'}[top] + '.' + rest
+        return 'max_branch.1.' + rest[len('extra.') :]
+      return 'max_branch.0.' + rest[len('layer4.') :]
+    return (
+        {
+            'avg_neck': 'feat_bn',
+            'max_neck': 'feat_bn_max',
+            'avg_classifier': 'classifier',
+            'max_classifier': 'classifier_max',
+        }[top]
+        + '.'
+        + rest
+    )
   raise ConversionError(f'unknown format {fmt!r}; choose from {FORMATS}')
 
 
@@ -528,8 +605,10 @@ def _transform(value: np.ndarray, leaf: str) -> np.ndarray:
 def _describe(model) -> str:
   if model.backbone != 'resnet':
     return f'{type(model).__name__}(backbone={model.backbone}, num_classes={model.num_classes})'
-  return (f'{type(model).__name__}(depth={model.depth}, width={model.width}, ibn={model.ibn}, '
-          f'num_classes={model.num_classes})')
+  return (
+      f'{type(model).__name__}(depth={model.depth}, width={model.width}, ibn={model.ibn}, '
+      f'num_classes={model.num_classes})'
+  )
 
 
 def _natural(key: str):
@@ -545,8 +624,13 @@ def _listing(title, items, limit=30):
   return f'\n  {title} ({len(items)}):\n    {shown}{more}'
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], model, fmt: str = 'auto',
-                       seed: int = 0, report: dict | None = None) -> dict:
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    model,
+    fmt: str = 'auto',
+    seed: int = 0,
+    report: dict | None = None,
+) -> dict:
   """Flat torch state dict (numpy values, `module.` already stripped) -> `{'params',
   'batch_stats'}` nested dicts of float32 numpy arrays for `model` (ReIDNet / ABMTNet).
 
@@ -556,28 +640,35 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model, fmt: str = '
   receives 'format' and the lists 'loaded', 'fresh', 'ignored'.
   """
   from flax import traverse_util
+
   from jaxreid import models
 
-  state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
-                for k, v in state_dict.items()}
+  state_dict = {
+      k[len('module.') :] if k.startswith('module.') else k: v for k, v in state_dict.items()
+  }
   if fmt == 'auto':
     fmt = detect_format(state_dict)
   if fmt not in FORMATS:
     raise ConversionError(f'unknown format {fmt!r}; choose from {FORMATS}')
   is_abmt = isinstance(model, models.ABMTNet)
   if fmt == 'abmt' and not is_abmt:
-    raise ConversionError("this is an ABMT checkpoint (format 'abmt'): convert it with "
-                          '--arch abmt (ABMTNet)')
+    raise ConversionError(
+        "this is an ABMT checkpoint (format 'abmt'): convert it with " '--arch abmt (ABMTNet)'
+    )
   twin = fmt in FORMAT_BACKBONE
   kind = FORMAT_BACKBONE.get(fmt, 'resnet')
   if kind != model.backbone.split('_')[0]:
     need = checkpoint_backbone(state_dict, fmt)
-    raise ConversionError(f'this is a {fmt} checkpoint, which needs backbone {need!r} (e.g. '
-                          f'--backbone {need}); the model has backbone {model.backbone!r}')
+    raise ConversionError(
+        f'this is a {fmt} checkpoint, which needs backbone {need!r} (e.g. '
+        f'--backbone {need}); the model has backbone {model.backbone!r}'
+    )
   if twin and kind == 'osnet' and checkpoint_backbone(state_dict, fmt) != model.backbone:
     need = checkpoint_backbone(state_dict, fmt)
-    raise ConversionError(f'this torchreid checkpoint is {need}, the model is {model.backbone}: '
-                          f'use backbone {need!r}')
+    raise ConversionError(
+        f'this torchreid checkpoint is {need}, the model is {model.backbone}: '
+        f'use backbone {need!r}'
+    )
   layer1 = _base_layer1_index(state_dict) if fmt in ('mmt', 'abmt') else 0
 
   target = traverse_util.flatten_dict(models.abstract_variables(model, 64, 64))
@@ -598,16 +689,20 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model, fmt: str = '
         neck_prefixes.add(key.rsplit('.', 1)[0])
       if is_classifier:
         if value.shape[0] != spec.shape[0] or value.shape[1] > spec.shape[1]:
-          misshaped.append(f'{key}: checkpoint {tuple(state_dict[key].shape)} vs expected '
-                           f'(<= {spec.shape[1]}, {spec.shape[0]}) (raise --num-classes?)')
+          misshaped.append(
+              f'{key}: checkpoint {tuple(state_dict[key].shape)} vs expected '
+              f'(<= {spec.shape[1]}, {spec.shape[0]}) (raise --num-classes?)'
+          )
           continue
         full = np.zeros(spec.shape, np.float32)
-        full[:, :value.shape[1]] = value
+        full[:, : value.shape[1]] = value
         value = full
       elif value.shape != tuple(spec.shape):
         src_shape = tuple(_transform(np.zeros(state_dict[key].shape), leaf).shape)
-        misshaped.append(f'{key}: checkpoint {tuple(state_dict[key].shape)} (as {src_shape}) vs '
-                         f'expected {tuple(spec.shape)} ({"/".join(path)})')
+        misshaped.append(
+            f'{key}: checkpoint {tuple(state_dict[key].shape)} (as {src_shape}) vs '
+            f'expected {tuple(spec.shape)} ({"/".join(path)})'
+        )
         continue
       out[path] = value
       loaded.append(key)
@@ -622,16 +717,20 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model, fmt: str = '
     if bkey in state_dict:
       consumed.add(bkey)
       if np.max(np.abs(state_dict[bkey])) > 1e-6:
-        misshaped.append(f'{bkey}: non-zero neck bias (max |b| = '
-                         f'{float(np.max(np.abs(state_dict[bkey]))):.3g}); the reference freezes '
-                         'it at 0 and jaxreid necks have no bias')
+        misshaped.append(
+            f'{bkey}: non-zero neck bias (max |b| = '
+            f'{float(np.max(np.abs(state_dict[bkey]))):.3g}); the reference freezes '
+            'it at 0 and jaxreid necks have no bias'
+        )
   unexpected = []
   for k in sorted(state_dict):
     if k in consumed:
       continue
-    if k.endswith('num_batches_tracked') or (fmt in ('torchvision', 'ibn') and
-                                             k in ('fc.weight', 'fc.bias')) or (
-        twin and k.startswith('classifier.')):
+    if (
+        k.endswith('num_batches_tracked')
+        or (fmt in ('torchvision', 'ibn') and k in ('fc.weight', 'fc.bias'))
+        or (twin and k.startswith('classifier.'))
+    ):
       # ImageNet heads, and torchreid's classifier bias (jaxreid classifiers have none; a
       # source classifier is replaced by cluster centroids at adaptation anyway)
       ignored.append(k)
@@ -640,18 +739,22 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model, fmt: str = '
   if missing or unexpected or misshaped:
     raise ConversionError(
         f'checkpoint (format {fmt}) does not match {_describe(model)}:'
-        + _listing('missing', missing) + _listing('unexpected', unexpected)
-        + _listing('mis-shaped', misshaped))
+        + _listing('missing', missing)
+        + _listing('unexpected', unexpected)
+        + _listing('mis-shaped', misshaped)
+    )
   if fresh_paths:
     out.update(traverse_util.flatten_dict(models.init_variables(model, seed, paths=fresh_paths)))
   if report is not None:
-    report.update(format=fmt, loaded=loaded, fresh=['/'.join(p) for p in fresh_paths],
-                  ignored=ignored)
+    report.update(
+        format=fmt, loaded=loaded, fresh=['/'.join(p) for p in fresh_paths], ignored=ignored
+    )
   return traverse_util.unflatten_dict(out)
 
 
-def convert_checkpoint(path: str, model, fmt: str = 'auto', seed: int = 0,
-                       report: dict | None = None) -> dict:
+def convert_checkpoint(
+    path: str, model, fmt: str = 'auto', seed: int = 0, report: dict | None = None
+) -> dict:
   """`load_torch_checkpoint` + `extract_state_dict` + `convert_state_dict`."""
   sd = extract_state_dict(load_torch_checkpoint(path))
   return convert_state_dict(sd, model, fmt, seed=seed, report=report)
@@ -659,8 +762,9 @@ def convert_checkpoint(path: str, model, fmt: str = 'auto', seed: int = 0,
 
 def save_converted(path: str, variables: Mapping) -> None:
   """flax msgpack of `{'params', 'batch_stats'}` (numpy float32 leaves); no pickle."""
-  import jax
   from flax import serialization
+  import jax
+
   tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   data = serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, tree))
   tmp = f'{path}.tmp'
@@ -700,29 +804,43 @@ def load_weights(path: str, model, *, key: str = 'weights', drop_classifier: boo
 def load_converted(path: str, model=None, check_classifier_width: bool = True) -> dict:
   """Reads `save_converted`'s file. With `model`, checks every variable's path and shape (the
   classifiers' width too unless `check_classifier_width=False`)."""
-  from flax import serialization, traverse_util
+  from flax import serialization
+  from flax import traverse_util
+
   with open(path, 'rb') as f:
     try:
       variables = serialization.msgpack_restore(f.read())
     except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
-      raise ConversionError(f'{path}: not a jaxreid .msgpack weight file nor a PyTorch file '
-                            f'({type(e).__name__}: {e})') from None
-  if (not isinstance(variables, dict) or set(variables) - {'params', 'batch_stats'}
-      or 'params' not in variables):
+      raise ConversionError(
+          f'{path}: not a jaxreid .msgpack weight file nor a PyTorch file '
+          f'({type(e).__name__}: {e})'
+      ) from None
+  if (
+      not isinstance(variables, dict)
+      or set(variables) - {'params', 'batch_stats'}
+      or 'params' not in variables
+  ):
     raise ConversionError(f'{path}: expected a msgpack of {{params, batch_stats}}')
   if model is not None:
     from jaxreid import models
+
     want = traverse_util.flatten_dict(models.abstract_variables(model, 64, 64))
     have = traverse_util.flatten_dict(variables)
     missing = ['/'.join(p) for p in sorted(set(want) - set(have))]
     unexpected = ['/'.join(p) for p in sorted(set(have) - set(want))]
-    misshaped = [f'{"/".join(p)}: {have[p].shape} vs {tuple(want[p].shape)}'
-                 for p in sorted(set(want) & set(have)) if have[p].shape != tuple(want[p].shape)
-                 and (check_classifier_width or not p[1].endswith('classifier'))]
+    misshaped = [
+        f'{"/".join(p)}: {have[p].shape} vs {tuple(want[p].shape)}'
+        for p in sorted(set(want) & set(have))
+        if have[p].shape != tuple(want[p].shape)
+        and (check_classifier_width or not p[1].endswith('classifier'))
+    ]
     if missing or unexpected or misshaped:
-      raise ConversionError(f'{path} does not match {_describe(model)}:'
-                            + _listing('missing', missing) + _listing('unexpected', unexpected)
-                            + _listing('mis-shaped', misshaped))
+      raise ConversionError(
+          f'{path} does not match {_describe(model)}:'
+          + _listing('missing', missing)
+          + _listing('unexpected', unexpected)
+          + _listing('mis-shaped', misshaped)
+      )
   return variables
 
 
@@ -738,36 +856,56 @@ def main(argv=None) -> int:
   p.add_argument('--depth', type=int, default=50)
   p.add_argument('--width', type=int, default=64)
   p.add_argument('--ibn', action='store_true', help='IBN-ResNet-a')
-  p.add_argument('--stem-relu', choices=('auto', 'true', 'false'), default='auto',
-                 help='auto: False for plain ResNet (MMT/ABMT), True for IBN-a')
+  p.add_argument(
+      '--stem-relu',
+      choices=('auto', 'true', 'false'),
+      default='auto',
+      help='auto: False for plain ResNet (MMT/ABMT), True for IBN-a',
+  )
   p.add_argument('--last-stride', type=int, default=1)
-  p.add_argument('--num-classes', type=int, default=1024,
-                 help='classifier width (a checkpoint classifier fills its first rows)')
+  p.add_argument(
+      '--num-classes',
+      type=int,
+      default=1024,
+      help='classifier width (a checkpoint classifier fills its first rows)',
+  )
   p.add_argument('--format', choices=FORMATS, default='auto')
   p.add_argument('--seed', type=int, default=0, help='for freshly initialised parts')
-  p.add_argument('--backbone', default='auto',
-                 help="'auto' (read off the checkpoint), 'resnet', 'osnet_x0_25' .. "
-                      "'osnet_x1_0', 'mobilenetv2'")
+  p.add_argument(
+      '--backbone',
+      default='auto',
+      help="'auto' (read off the checkpoint), 'resnet', 'osnet_x0_25' .. "
+      "'osnet_x1_0', 'mobilenetv2'",
+  )
   args = p.parse_args(argv)
 
   from jaxreid import models
+
   report = {}
   try:
     sd = extract_state_dict(load_torch_checkpoint(args.input))
     fmt = detect_format(sd) if args.format == 'auto' else args.format
     backbone = checkpoint_backbone(sd, fmt) if args.backbone == 'auto' else args.backbone
     model = models.create_model(
-        arch=args.arch, backbone=backbone, depth=args.depth, width=args.width, ibn=args.ibn,
+        arch=args.arch,
+        backbone=backbone,
+        depth=args.depth,
+        width=args.width,
+        ibn=args.ibn,
         stem_relu={'auto': None, 'true': True, 'false': False}[args.stem_relu],
-        last_stride=args.last_stride, num_classes=args.num_classes)
+        last_stride=args.last_stride,
+        num_classes=args.num_classes,
+    )
     variables = convert_state_dict(sd, model, fmt, seed=args.seed, report=report)
   except (ConversionError, pickle.UnpicklingError, OSError, zipfile.BadZipFile, ValueError) as e:
     print(f'error: {args.input}: {e}', file=sys.stderr)
     return 1
   save_converted(args.output, variables)
-  print(f'{args.input} (format {report["format"]}) -> {args.output}: {_describe(model)}; '
-        f'{len(report["loaded"])} tensors loaded, {len(report["fresh"])} freshly initialised, '
-        f'{len(report["ignored"])} ignored')
+  print(
+      f'{args.input} (format {report["format"]}) -> {args.output}: {_describe(model)}; '
+      f'{len(report["loaded"])} tensors loaded, {len(report["fresh"])} freshly initialised, '
+      f'{len(report["ignored"])} ignored'
+  )
   if report['fresh']:
     parts = sorted({'/'.join(k.split('/')[1:-1][:2]) for k in report['fresh']})
     print(f'  freshly initialised (seed {args.seed}): ' + ', '.join(parts))

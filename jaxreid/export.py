@@ -21,10 +21,12 @@ import argparse
 import os
 import sys
 
-import numpy as np
 from flax import traverse_util
+import numpy as np
 
-from jaxreid import convert, inference, models
+from jaxreid import convert
+from jaxreid import inference
+from jaxreid import models
 
 FORMATS = {'torchreid': 'osnet', 'torchvision': 'mobilenetv2'}
 
@@ -62,17 +64,24 @@ def torch_state_dict(model, variables: dict, fmt: str) -> tuple[dict, list[str]]
   for the user) for a ReIDNet with an OSNet (fmt 'torchreid') or MobileNetV2 ('torchvision')
   backbone."""
   if isinstance(model, models.ABMTNet):
-    raise ExportError('an ABMT two-branch network has no single PyTorch twin: export its avg '
-                      'branch with --branch=avg')
+    raise ExportError(
+        'an ABMT two-branch network has no single PyTorch twin: export its avg '
+        'branch with --branch=avg'
+    )
   kind = FORMATS.get(fmt)
   if kind is None:
     raise ExportError(f'unknown format {fmt!r}; choose from {sorted(FORMATS)}')
   if model.backbone.split('_')[0] != kind:
     have = [f for f, k in FORMATS.items() if model.backbone.startswith(k)]
-    raise ExportError(f'format {fmt} is for {kind} networks; this model is a {model.backbone}'
-                      + (f' (use --format={have[0]})' if have else
-                         ': ResNet models have no torchreid / torchvision export here (their '
-                         'head differs); use the .msgpack with jaxreid.evaluate / search'))
+    raise ExportError(
+        f'format {fmt} is for {kind} networks; this model is a {model.backbone}'
+        + (
+            f' (use --format={have[0]})'
+            if have
+            else ': ResNet models have no torchreid / torchvision export here (their '
+            'head differs); use the .msgpack with jaxreid.evaluate / search'
+        )
+    )
   src_fmt = 'torchreid' if kind == 'osnet' else 'mobilenetv2'
   flat = traverse_util.flatten_dict(variables)
   sd, notes = {}, []
@@ -94,8 +103,10 @@ def torch_state_dict(model, variables: dict, fmt: str) -> tuple[dict, list[str]]
     sd[f'{prefix}.num_batches_tracked'] = np.zeros((), np.int64)
   if kind == 'osnet':
     k = sd['classifier.weight'].shape[0]
-    notes.append(f'load with torchreid.models.build_model("{model.backbone}", num_classes={k}) '
-                 f'(or {model.backbone}(num_classes={k})), then load_state_dict(sd, strict=True)')
+    notes.append(
+        f'load with torchreid.models.build_model("{model.backbone}", num_classes={k}) '
+        f'(or {model.backbone}(num_classes={k})), then load_state_dict(sd, strict=True)'
+    )
   else:
     scale = np.asarray(variables['params']['neck']['scale'], np.float64)
     mean = np.asarray(variables['batch_stats']['neck']['mean'], np.float64)
@@ -103,14 +114,20 @@ def torch_state_dict(model, variables: dict, fmt: str) -> tuple[dict, list[str]]
     a = scale / np.sqrt(var + 1e-5)  # jaxreid's eval-mode neck: (x - mean) * a
     sd['classifier.1.weight'] = np.diag(a).astype(np.float32)
     sd['classifier.1.bias'] = (-mean * a).astype(np.float32)
-    notes.append(f'load with torchvision.models.mobilenet_v2(num_classes={a.size}), then '
-                 'load_state_dict(sd, strict=True); model(x) is the feature (the BN neck is '
-                 'the classifier Linear)')
+    notes.append(
+        f'load with torchvision.models.mobilenet_v2(num_classes={a.size}), then '
+        'load_state_dict(sd, strict=True); model(x) is the feature (the BN neck is '
+        'the classifier Linear)'
+    )
     if model.last_stride == 1:
-      notes.append('trained with last stride 1: after loading set '
-                   'model.features[14].conv[1][0].stride = (1, 1)')
-  notes.append('inputs: RGB, ImageNet mean/std normalised, the training size; L2-normalise the '
-               'output to get jaxreid\'s features')
+      notes.append(
+          'trained with last stride 1: after loading set '
+          'model.features[14].conv[1][0].stride = (1, 1)'
+      )
+  notes.append(
+      'inputs: RGB, ImageNet mean/std normalised, the training size; L2-normalise the '
+      "output to get jaxreid's features"
+  )
   return sd, notes
 
 
@@ -127,13 +144,13 @@ def save_torch(path: str, state_dict: dict) -> None:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m jaxreid.export',
-                              description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(prog='python -m jaxreid.export', description=__doc__.split('\n')[0])
   p.add_argument('--model', required=True, help='work dir of a finished run, or a .msgpack')
   p.add_argument('--format', required=True, choices=sorted(FORMATS))
   p.add_argument('--out', required=True, help='output PyTorch file (.pth)')
-  p.add_argument('--branch', choices=('avg',), default=None,
-                 help='ABMT networks: the branch to export')
+  p.add_argument(
+      '--branch', choices=('avg',), default=None, help='ABMT networks: the branch to export'
+  )
   args = p.parse_args(argv)
   try:
     loaded = inference.load_model(args.model)

@@ -7,12 +7,17 @@ training batches; the images stay uint8 until they are on the device.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from typing import Callable
+from typing import Mapping
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxreid import input_pipeline
 from jaxreid.metrics_writer import Ticker
@@ -24,6 +29,7 @@ def make_embed_fn(model, mesh: Mesh | None = None) -> Callable:
   With several variable sets (e.g. MMT's two teachers) their features are averaged and
   re-normalised, as the reference does before clustering.
   """
+
   def embed(variables_list, images):
     x = input_pipeline.normalize(images)
     feats = [model.apply(v, x, train=False) for v in variables_list]
@@ -35,12 +41,18 @@ def make_embed_fn(model, mesh: Mesh | None = None) -> Callable:
   if mesh is None:
     return jax.jit(embed)
   batch_sharding = NamedSharding(mesh, P('data'))
-  return jax.jit(embed, in_shardings=(NamedSharding(mesh, P()), batch_sharding),
-                 out_shardings=batch_sharding)
+  return jax.jit(
+      embed, in_shardings=(NamedSharding(mesh, P()), batch_sharding), out_shardings=batch_sharding
+  )
 
 
-def extract_features(embed_fn: Callable, variables_list: Sequence[Any], images: np.ndarray,
-                     batch_size: int = 256, label: str = 'features') -> np.ndarray:
+def extract_features(
+    embed_fn: Callable,
+    variables_list: Sequence[Any],
+    images: np.ndarray,
+    batch_size: int = 256,
+    label: str = 'features',
+) -> np.ndarray:
   """Eval features of `images` (N, H, W, 3) uint8 -> (N, D) float32 numpy array.
 
   Batches are fetched two behind the one dispatched (the device never waits for the host) and a
@@ -59,7 +71,7 @@ def extract_features(embed_fn: Callable, variables_list: Sequence[Any], images: 
     ticker.tick(valid)
 
   for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
+    batch = images[start : start + batch_size]
     valid = len(batch)
     if valid < batch_size:
       pad = np.zeros((batch_size - valid,) + batch.shape[1:], batch.dtype)
@@ -129,11 +141,13 @@ def coupling(role_features: Mapping[str, np.ndarray], *, two_branch: bool) -> di
     if two_branch and len(keys) == 1:
       out[f'coupling/{name}'] = mean_feature_distance(*branch_features(role_features[keys[0]]))
     elif len(keys) == 2:
-      out[f'coupling/{name}'] = mean_feature_distance(role_features[keys[0]],
-                                                      role_features[keys[1]])
+      out[f'coupling/{name}'] = mean_feature_distance(
+          role_features[keys[0]], role_features[keys[1]]
+      )
   pairs = [(t, 'student/' + t.split('/', 1)[1]) for t in teachers]
   pairs = [(t, s) for t, s in pairs if s in role_features]
   if pairs:
-    out['coupling/teacher_student'] = float(np.mean(
-        [mean_feature_distance(role_features[t], role_features[s]) for t, s in pairs]))
+    out['coupling/teacher_student'] = float(
+        np.mean([mean_feature_distance(role_features[t], role_features[s]) for t, s in pairs])
+    )
   return out

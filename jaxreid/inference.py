@@ -20,7 +20,9 @@ import json
 import os
 import pickle
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any
+from typing import Mapping
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -33,8 +35,18 @@ from jaxreid import osnet
 from jaxreid.data import DataError
 
 # Extensions tried when a folder is listed (a single file is tried whatever its name).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
-                    '.pgm')
+IMAGE_EXTENSIONS = (
+    '.jpg',
+    '.jpeg',
+    '.png',
+    '.bmp',
+    '.gif',
+    '.tif',
+    '.tiff',
+    '.webp',
+    '.ppm',
+    '.pgm',
+)
 # Without config.json or flags: the papers' input size.
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 256, 128
 # Shape-determining fields (the rest -- stem ReLU, last stride, pooling -- keep model defaults).
@@ -56,15 +68,23 @@ def resolve_model_path(path: str) -> tuple[str, str | None]:
     raise InferenceError('no model given: pass --model=<work dir or model.msgpack>')
   path = os.path.expanduser(path)
   if not os.path.exists(path):
-    raise InferenceError(f'model {path} does not exist: pass a work dir of a finished run or a '
-                         '.msgpack file')
+    raise InferenceError(
+        f'model {path} does not exist: pass a work dir of a finished run or a ' '.msgpack file'
+    )
   if os.path.isdir(path):
     weights = os.path.join(path, 'model.msgpack')
     if not os.path.isfile(weights):
-      found = sorted(os.path.relpath(os.path.join(d, f), path)
-                     for d, _, files in os.walk(path) for f in files if f.endswith('.msgpack'))
-      hint = (f'; weights found below it: {", ".join(found[:5])} (pass one as --model)'
-              if found else '; a finished run writes it (an unfinished one has only checkpoints)')
+      found = sorted(
+          os.path.relpath(os.path.join(d, f), path)
+          for d, _, files in os.walk(path)
+          for f in files
+          if f.endswith('.msgpack')
+      )
+      hint = (
+          f'; weights found below it: {", ".join(found[:5])} (pass one as --model)'
+          if found
+          else '; a finished run writes it (an unfinished one has only checkpoints)'
+      )
       raise InferenceError(f'{path} has no model.msgpack{hint}')
     return weights, find_config(weights)
   if convert.is_torch_file(path):  # converted on the fly (load_model); no jaxreid config
@@ -114,8 +134,9 @@ def guess_architecture(variables: Mapping) -> dict | None:
         s = int(m.group(1)) - 1
         counts[s] = max(counts[s], int(m.group(2)) + 1)
     block = 'bottleneck' if 'conv3' in trunk['layer1_0'] else 'basic'
-    depth = next(d for d, (b, c) in models.RESNET_SPECS.items()
-                 if b == block and tuple(c) == tuple(counts))
+    depth = next(
+        d for d, (b, c) in models.RESNET_SPECS.items() if b == block and tuple(c) == tuple(counts)
+    )
     ibn = 'IN' in trunk['layer1_0']['bn1']
   except (KeyError, TypeError, StopIteration, IndexError):
     return None
@@ -125,8 +146,9 @@ def guess_architecture(variables: Mapping) -> dict | None:
 def _flags_text(arch: Mapping) -> str:
   if arch.get('backbone', 'resnet') != 'resnet':
     return f'--arch={arch["arch"]} --backbone={arch["backbone"]}'
-  return (f'--arch={arch["arch"]} --depth={arch["depth"]} --width={arch["width"]}'
-          + (' --ibn' if arch.get('ibn') else ''))
+  return f'--arch={arch["arch"]} --depth={arch["depth"]} --width={arch["width"]}' + (
+      ' --ibn' if arch.get('ibn') else ''
+  )
 
 
 def _num_classes(variables: Mapping) -> int:
@@ -140,6 +162,7 @@ def _num_classes(variables: Mapping) -> int:
 @dataclasses.dataclass
 class LoadedModel:
   """A model ready for feature extraction (eval mode, L2-normalised features)."""
+
   model: Any
   variables: dict
   height: int
@@ -162,8 +185,10 @@ class LoadedModel:
       net = f'{"ABMT" if abmt else "ResNet"}{"-IBN-a" if m.ibn else ""}-{m.depth} (width {m.width})'
     else:
       net = f'{"ABMT " if abmt else ""}{m.backbone}'
-    return (f'{net}, input {self.height}x{self.width}, {self.feature_dim}-d features; '
-            f'architecture from {self.source}')
+    return (
+        f'{net}, input {self.height}x{self.width}, {self.feature_dim}-d features; '
+        f'architecture from {self.source}'
+    )
 
   def extract(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """uint8 (N, H, W, 3) at the model's input size -> unit features (N, D) float32.
@@ -172,19 +197,23 @@ class LoadedModel:
     there are several; runs on the accelerator when there is one.
     """
     if images.shape[1:3] != (self.height, self.width):
-      raise ValueError(f'images are {images.shape[1]}x{images.shape[2]}, the model expects '
-                       f'{self.height}x{self.width}: decode them at that size')
+      raise ValueError(
+          f'images are {images.shape[1]}x{images.shape[2]}, the model expects '
+          f'{self.height}x{self.width}: decode them at that size'
+      )
     if self._embed is None:
       mesh, where = None, None
       if jax.device_count() > 1:  # the trainer's 1-D mesh: weights replicated, batch sharded
-        from jax.sharding import NamedSharding, PartitionSpec
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec
+
         from jaxreid import train as train_lib
+
         mesh = train_lib.make_mesh()
         where = NamedSharding(mesh, PartitionSpec())
       self._embed = features_lib.make_embed_fn(self.model, mesh)
       self._device_variables = jax.device_put(self.variables, where)
-    return features_lib.extract_features(self._embed, [self._device_variables], images,
-                                         batch_size)
+    return features_lib.extract_features(self._embed, [self._device_variables], images, batch_size)
 
 
 def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedModel:
@@ -204,13 +233,15 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
   try:
     with open(weights_path, 'rb') as f:
       from flax import serialization
+
       raw = serialization.msgpack_restore(f.read())
     if not isinstance(raw, dict) or 'params' not in raw:
       raise ValueError('no params collection')
   except Exception as e:  # noqa: BLE001 - any decoding failure means "not our format"
     raise InferenceError(
         f'cannot read weights {weights_path}: {e}. Expected a jaxreid model.msgpack (written by a '
-        'finished run, by pre-training, or by `python -m jaxreid.convert`)') from None
+        'finished run, by pre-training, or by `python -m jaxreid.convert`)'
+    ) from None
   guess = guess_architecture(raw)
 
   config: dict = {}
@@ -219,27 +250,30 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
       with open(config_path) as f:
         config = json.load(f)
     except (OSError, ValueError) as e:
-      raise InferenceError(f'cannot read {config_path}: {e}. Fix or remove it and pass the '
-                           'architecture as flags (--arch, --depth, --width, --height, '
-                           '--img_width)') from None
+      raise InferenceError(
+          f'cannot read {config_path}: {e}. Fix or remove it and pass the '
+          'architecture as flags (--arch, --depth, --width, --height, '
+          '--img_width)'
+      ) from None
   if not isinstance(config, dict):
-    raise InferenceError(f'{config_path} is not a jaxreid config (expected a JSON object with '
-                         '"model" and "data" sections)')
+    raise InferenceError(
+        f'{config_path} is not a jaxreid config (expected a JSON object with '
+        '"model" and "data" sections)'
+    )
   model_cfg = dict(config.get('model') or {})
   why = 'no config.json found' if config_path is None else f'{config_path} has no model section'
   if model_cfg:
     source = config_path
   elif guess is not None:
     model_cfg.update(guess)
-    source = f'the weights\' shapes ({why})'
+    source = f"the weights' shapes ({why})"
   else:
     source = f'defaults ({why})'
   arch_overrides = {k: v for k, v in overrides.items() if k in ARCH_KEYS}
   if arch_overrides:
     model_cfg.update(arch_overrides)
     source += ' + flags ' + ' '.join(f'--{k}={v}' for k, v in arch_overrides.items())
-  model_cfg = {k: v for k, v in model_cfg.items()
-               if k in models.MODEL_FIELDS or k == 'arch'}
+  model_cfg = {k: v for k, v in model_cfg.items() if k in models.MODEL_FIELDS or k == 'arch'}
   model_cfg['num_classes'] = _num_classes(raw)
   try:
     model = models.create_model(model_cfg)
@@ -258,15 +292,27 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
     hint = ''
     if guess is not None:
       hint = f' The weights look like {_flags_text(guess)}.'
-    where = (f'{config_path} may belong to another run: use the work dir that wrote the weights, '
-             'or override it with' if config_path else 'pass')
+    where = (
+        f'{config_path} may belong to another run: use the work dir that wrote the weights, '
+        'or override it with'
+        if config_path
+        else 'pass'
+    )
     raise InferenceError(
         f'the weights {weights_path} do not fit the network built from {source}.{hint} To fix: '
         f'{where} flags naming the trained network (--arch, --depth, --width, --ibn).\n'
-        f'Details: {e}') from None
-  return LoadedModel(model=model, variables=variables, height=height, width=width,
-                     weights_path=weights_path, config_path=config_path, config=config,
-                     source=source)
+        f'Details: {e}'
+    ) from None
+  return LoadedModel(
+      model=model,
+      variables=variables,
+      height=height,
+      width=width,
+      weights_path=weights_path,
+      config_path=config_path,
+      config=config,
+      source=source,
+  )
 
 
 def _load_torch_model(path: str, overrides: Mapping[str, Any]) -> LoadedModel:
@@ -275,8 +321,9 @@ def _load_torch_model(path: str, overrides: Mapping[str, Any]) -> LoadedModel:
   try:
     sd = convert.extract_state_dict(convert.load_torch_checkpoint(path))
     fmt = convert.detect_format(sd)
-    model_cfg = dict(arch='abmt' if fmt == 'abmt' else 'resnet',
-                     backbone=convert.checkpoint_backbone(sd, fmt))
+    model_cfg = dict(
+        arch='abmt' if fmt == 'abmt' else 'resnet', backbone=convert.checkpoint_backbone(sd, fmt)
+    )
     if model_cfg['backbone'] == 'mobilenetv2':
       model_cfg['last_stride'] = 2  # torchvision's network as it is
     model_cfg.update({k: v for k, v in overrides.items() if k in ARCH_KEYS})
@@ -287,9 +334,16 @@ def _load_torch_model(path: str, overrides: Mapping[str, Any]) -> LoadedModel:
     raise InferenceError(f'cannot use the PyTorch file {path}: {e}') from None
   height = int(overrides.get('height') or DEFAULT_HEIGHT)
   width = int(overrides.get('img_width') or DEFAULT_WIDTH)
-  return LoadedModel(model=model, variables=variables, height=height, width=width,
-                     weights_path=path, config_path=None, config={},
-                     source=f'the PyTorch file\'s keys (format {fmt}, converted in memory)')
+  return LoadedModel(
+      model=model,
+      variables=variables,
+      height=height,
+      width=width,
+      weights_path=path,
+      config_path=None,
+      config={},
+      source=f"the PyTorch file's keys (format {fmt}, converted in memory)",
+  )
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -299,17 +353,22 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
   g.add_argument('--backbone', choices=models.BACKBONES, default=None)
   g.add_argument('--depth', type=int, default=None)
   g.add_argument('--width', type=int, default=None, help='network width (64 = standard ResNet)')
-  g.add_argument('--ibn', action=argparse.BooleanOptionalAction, default=None,
-                 help='IBN-ResNet-a')
+  g.add_argument('--ibn', action=argparse.BooleanOptionalAction, default=None, help='IBN-ResNet-a')
   g.add_argument('--height', type=int, default=None, help='input height (default 256)')
   g.add_argument('--img_width', type=int, default=None, help='input width (default 128)')
 
 
 def model_overrides(args) -> dict:
   """`add_model_flags`' values as `load_model` overrides (unset flags are None: ignored)."""
-  return dict(arch=args.arch, backbone=args.backbone, depth=args.depth, width=args.width,
-              ibn=args.ibn,
-              height=args.height, img_width=args.img_width)
+  return dict(
+      arch=args.arch,
+      backbone=args.backbone,
+      depth=args.depth,
+      width=args.width,
+      ibn=args.ibn,
+      height=args.height,
+      img_width=args.img_width,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +378,7 @@ def model_overrides(args) -> dict:
 @dataclasses.dataclass
 class ImageSet:
   """Images that could be read (in order), and those that could not, with the reason."""
+
   paths: list[str]
   images: np.ndarray  # (N, H, W, 3) uint8
   skipped: list[tuple[str, str]]
@@ -338,15 +398,21 @@ def list_images(path: str, what: str) -> list[str]:
   files = [e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
   if not files:
     subdirs = [e.name for e in entries if e.is_dir()]
-    hint = (f'; it has sub-folders ({", ".join(subdirs[:5])}): point {what} at the one holding '
-            'the images' if subdirs else '')
-    raise InferenceError(f'{what}: no images ({", ".join(IMAGE_EXTENSIONS)}) in folder '
-                         f'{path}{hint}')
+    hint = (
+        f'; it has sub-folders ({", ".join(subdirs[:5])}): point {what} at the one holding '
+        'the images'
+        if subdirs
+        else ''
+    )
+    raise InferenceError(
+        f'{what}: no images ({", ".join(IMAGE_EXTENSIONS)}) in folder ' f'{path}{hint}'
+    )
   return files
 
 
-def load_images(paths: Sequence[str], height: int, width: int, *,
-                num_threads: int | None = None) -> ImageSet:
+def load_images(
+    paths: Sequence[str], height: int, width: int, *, num_threads: int | None = None
+) -> ImageSet:
   """Decodes images of any size and mode (L, RGBA, P, ...) to RGB uint8 at height x width,
   exactly as training decodes them; unreadable files are skipped and reported, not fatal."""
   paths = [str(p) for p in paths]
@@ -362,8 +428,7 @@ def load_images(paths: Sequence[str], height: int, width: int, *,
     results = list(ex.map(one, paths))
   kept = [(p, im) for p, (im, _) in zip(paths, results) if im is not None]
   skipped = [(p, err) for p, (im, err) in zip(paths, results) if im is None]
-  images = (np.stack([im for _, im in kept]) if kept
-            else np.zeros((0, height, width, 3), np.uint8))
+  images = np.stack([im for _, im in kept]) if kept else np.zeros((0, height, width, 3), np.uint8)
   return ImageSet([p for p, _ in kept], images, skipped)
 
 
@@ -372,8 +437,10 @@ def read_images(path: str, height: int, width: int, what: str) -> ImageSet:
   result = load_images(list_images(path, what), height, width)
   if len(result) == 0:
     names = ', '.join(os.path.basename(p) for p, _ in result.skipped[:5])
-    raise InferenceError(f'{what}: none of the {len(result.skipped)} file(s) in {path} could be '
-                         f'read as an image ({names})')
+    raise InferenceError(
+        f'{what}: none of the {len(result.skipped)} file(s) in {path} could be '
+        f'read as an image ({names})'
+    )
   return result
 
 
@@ -390,8 +457,9 @@ def parse_market_name(path: str) -> tuple[int, int] | None:
 # Export
 
 
-def export_features(out_dir: str, splits: Mapping[str, Mapping[str, Any]],
-                    extra: Mapping[str, Any] | None = None) -> list[str]:
+def export_features(
+    out_dir: str, splits: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Any] | None = None
+) -> list[str]:
   """Writes `<name>_features.npy` (float32 (N, D), unit rows) and `<name>.json` (paths, pids,
   camids; null where unknown) per split, so other tools need neither jaxreid nor the model.
 
@@ -414,11 +482,16 @@ def export_features(out_dir: str, splits: Mapping[str, Mapping[str, Any]],
 
     f_path = os.path.join(out_dir, f'{name}_features.npy')
     np.save(f_path, feats)
-    meta = {'num_images': n, 'feature_dim': int(feats.shape[1]) if feats.ndim == 2 else 0,
-            'features_file': os.path.basename(f_path),
-            'note': 'row i of the features is image i; camids are 0-based; null = unknown',
-            **dict(extra or {}),
-            'paths': paths, 'pids': ids(s.get('pids')), 'camids': ids(s.get('camids'))}
+    meta = {
+        'num_images': n,
+        'feature_dim': int(feats.shape[1]) if feats.ndim == 2 else 0,
+        'features_file': os.path.basename(f_path),
+        'note': 'row i of the features is image i; camids are 0-based; null = unknown',
+        **dict(extra or {}),
+        'paths': paths,
+        'pids': ids(s.get('pids')),
+        'camids': ids(s.get('camids')),
+    }
     j_path = os.path.join(out_dir, f'{name}.json')
     with open(j_path, 'w') as f:
       json.dump(meta, f, indent=1)

@@ -9,7 +9,8 @@ BatchNorm (unbiased running variance, eps 1e-5, momentum 0.1) and its explicit s
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -32,8 +33,13 @@ def bn_scale_init_abmt(key, shape, dtype=jnp.float32):
 
 def to_dtype(dtype) -> Dtype:
   if isinstance(dtype, str):
-    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16,
-            'fp32': jnp.float32, 'bf16': jnp.bfloat16}[dtype]
+    return {
+        'float32': jnp.float32,
+        'bfloat16': jnp.bfloat16,
+        'float16': jnp.float16,
+        'fp32': jnp.float32,
+        'bf16': jnp.bfloat16,
+    }[dtype]
   return dtype
 
 
@@ -63,6 +69,7 @@ class BatchNorm(nn.Module):
 
   Variables: params `scale` (and `bias` unless `use_bias=False`), batch_stats `mean`, `var`.
   """
+
   use_running_average: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -97,8 +104,10 @@ class BatchNorm(nn.Module):
     axes = tuple(range(1, xg.ndim - 1))
     n = math.prod(xg.shape[1:-1])
     if n < 2:
-      raise ValueError('BatchNorm: expected more than 1 value per channel in training mode '
-                       f'(input shape {x.shape}, norm_group_size {g})')
+      raise ValueError(
+          'BatchNorm: expected more than 1 value per channel in training mode '
+          f'(input shape {x.shape}, norm_group_size {g})'
+      )
     mean = jnp.mean(xg, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)  # biased, used to normalise
     y = (xg - mean) * (scale * jax.lax.rsqrt(var + self.epsilon))
@@ -117,6 +126,7 @@ class BatchNorm(nn.Module):
 
 class InstanceNorm(nn.Module):
   """`nn.InstanceNorm2d(affine=True)`: per-image, per-channel statistics, also at eval time."""
+
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
@@ -133,24 +143,40 @@ class InstanceNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Convolutions
 
 
-def conv2d(features: int, kernel: int, stride: int, pad: int, dtype, init=conv_init_fan_out,
-           name: str | None = None, use_bias: bool = False) -> nn.Conv:
+def conv2d(
+    features: int,
+    kernel: int,
+    stride: int,
+    pad: int,
+    dtype,
+    init=conv_init_fan_out,
+    name: str | None = None,
+    use_bias: bool = False,
+) -> nn.Conv:
   """`nn.Conv2d(kernel, stride, padding=pad)`: explicit symmetric padding, float32 parameters."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=init, name=name)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=init,
+      name=name,
+  )
 
 
 DEPTHWISE_IMPLS = ('auto', 'shifted', 'xla')
 
 
-def depthwise_conv(x: Array, kernel: Array, stride: int = 1, padding: int = 1,
-                   impl: str = 'auto') -> Array:
+def depthwise_conv(
+    x: Array, kernel: Array, stride: int = 1, padding: int = 1, impl: str = 'auto'
+) -> Array:
   """Depthwise convolution (`groups = channels`): x (B, H, W, C), kernel (kh, kw, 1, C).
 
   impl='xla': `lax.conv_general_dilated(feature_group_count=C)`. impl='shifted': the same sum
@@ -167,8 +193,13 @@ def depthwise_conv(x: Array, kernel: Array, stride: int = 1, padding: int = 1,
     impl = 'shifted' if jax.default_backend() == 'cpu' else 'xla'
   if impl == 'xla':
     return jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), (stride, stride), ((padding, padding), (padding, padding)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
+        x,
+        kernel.astype(x.dtype),
+        (stride, stride),
+        ((padding, padding), (padding, padding)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=c,
+    )
   if impl != 'shifted':
     raise ValueError(f'depthwise impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
   b, h, w, _ = x.shape
@@ -179,9 +210,12 @@ def depthwise_conv(x: Array, kernel: Array, stride: int = 1, padding: int = 1,
   out = None
   for i in range(kh):
     for j in range(kw):
-      patch = jax.lax.slice(xp, (0, i, j, 0),
-                            (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                            (1, stride, stride, 1))
+      patch = jax.lax.slice(
+          xp,
+          (0, i, j, 0),
+          (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+          (1, stride, stride, 1),
+      )
       term = patch.astype(jnp.float32) * k32[i, j, 0]
       out = term if out is None else out + term
   return out.astype(x.dtype)
@@ -190,6 +224,7 @@ def depthwise_conv(x: Array, kernel: Array, stride: int = 1, padding: int = 1,
 class DepthwiseConv(nn.Module):
   """`nn.Conv2d(C, C, k, stride, padding, groups=C, bias=False)`; kernel (k, k, 1, C) as Flax's
   grouped `nn.Conv` stores it (so converted checkpoints are the same either way)."""
+
   kernel_size: int = 3
   stride: int = 1
   padding: int = 1
@@ -201,8 +236,9 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, 1, x.shape[-1]), jnp.float32)
-    return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
-                          self.padding, self.impl)
+    return depthwise_conv(
+        x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding, self.impl
+    )
 
 
 ACTIVATIONS = {'relu': nn.relu, 'relu6': nn.relu6, 'none': lambda x: x}
@@ -211,6 +247,7 @@ ACTIVATIONS = {'relu': nn.relu, 'relu6': nn.relu6, 'none': lambda x: x}
 class ConvBN(nn.Module):
   """conv (no bias; depthwise when `depthwise`) -> BN -> activation: torchreid's ConvLayer /
   Conv1x1 / Conv1x1Linear and torchvision's Conv2dNormActivation. Children `conv`, `bn`."""
+
   features: int
   kernel: int = 1
   stride: int = 1
@@ -227,11 +264,18 @@ class ConvBN(nn.Module):
     if self.depthwise:
       if self.features != x.shape[-1]:
         raise ValueError(f'depthwise ConvBN: {self.features} outputs for {x.shape[-1]} inputs')
-      x = DepthwiseConv(self.kernel, self.stride, self.pad, self.dtype, self.kernel_init,
-                        name='conv')(x)
+      x = DepthwiseConv(
+          self.kernel, self.stride, self.pad, self.dtype, self.kernel_init, name='conv'
+      )(x)
     else:
-      x = conv2d(self.features, self.kernel, self.stride, self.pad, self.dtype, self.kernel_init,
-                 'conv')(x)
-    x = BatchNorm(use_running_average=not train, dtype=self.dtype, name='bn',
-                  group_size=self.norm_group_size, scale_init=self.bn_scale_init)(x)
+      x = conv2d(
+          self.features, self.kernel, self.stride, self.pad, self.dtype, self.kernel_init, 'conv'
+      )(x)
+    x = BatchNorm(
+        use_running_average=not train,
+        dtype=self.dtype,
+        name='bn',
+        group_size=self.norm_group_size,
+        scale_init=self.bn_scale_init,
+    )(x)
     return ACTIVATIONS[self.act](x)

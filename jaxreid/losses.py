@@ -42,9 +42,16 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    'cross_entropy_label_smooth', 'soft_entropy', 'pairwise_distance', 'batch_hard_mining',
-    'softmax_triplet', 'soft_softmax_triplet', 'margin_triplet', 'triplet_precision',
-    'num_triplet_anchors', 'Mined',
+    'cross_entropy_label_smooth',
+    'soft_entropy',
+    'pairwise_distance',
+    'batch_hard_mining',
+    'softmax_triplet',
+    'soft_softmax_triplet',
+    'margin_triplet',
+    'triplet_precision',
+    'num_triplet_anchors',
+    'Mined',
 ]
 
 # Logit given to inactive classes before a softmax. Finite (not -inf) so that 0 * it is 0, not NaN;
@@ -166,6 +173,7 @@ class Mined(NamedTuple):
   ap_idx, an_idx: (B,) int32 indices of those samples; -1 where undefined. `an_idx >= 0` is exactly
     the set of anchors that take part in the triplet losses.
   """
+
   d_ap: jax.Array
   d_an: jax.Array
   ap_idx: jax.Array
@@ -185,7 +193,7 @@ def _mine(dist, labels, valid=None):
     ok = ok & jnp.asarray(valid, bool)
   same = labels[:, None] == labels[None, :]
   pair_ok = ok[:, None] & ok[None, :]
-  pos = same & pair_ok          # includes the anchor itself (d = 1e-6)
+  pos = same & pair_ok  # includes the anchor itself (d = 1e-6)
   neg = (~same) & pair_ok
   has_neg = jnp.any(neg, axis=1)
   anchor = ok & has_neg

@@ -14,19 +14,32 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py[:task]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and plots go '
-                    '(default: workdirs/<method>_<source>_to_<target>).')
-flags.DEFINE_string('compilation_cache', os.path.expanduser('~/.cache/jaxreid/xla'),
-                    'Persistent XLA compilation cache directory ("" disables it).')
-flags.DEFINE_bool('deterministic', False,
-                  'Bitwise-repeatable runs on GPUs: deterministic XLA ops and no convolution '
-                  'autotuning (see deterministic_xla_flags). Slower; CPU runs are repeatable '
-                  'without it.')
-flags.DEFINE_bool('allow_safe_changes', False,
-                  'Resume a work dir whose config differs only in keys that extend or re-report '
-                  'the run (jaxreid.workdir.SAFE_CHANGES, e.g. more epochs).')
+config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file (configs/*.py[:task]).', lock_config=True
+)
+flags.DEFINE_string(
+    'workdir',
+    None,
+    'Where checkpoints, metrics and plots go ' '(default: workdirs/<method>_<source>_to_<target>).',
+)
+flags.DEFINE_string(
+    'compilation_cache',
+    os.path.expanduser('~/.cache/jaxreid/xla'),
+    'Persistent XLA compilation cache directory ("" disables it).',
+)
+flags.DEFINE_bool(
+    'deterministic',
+    False,
+    'Bitwise-repeatable runs on GPUs: deterministic XLA ops and no convolution '
+    'autotuning (see deterministic_xla_flags). Slower; CPU runs are repeatable '
+    'without it.',
+)
+flags.DEFINE_bool(
+    'allow_safe_changes',
+    False,
+    'Resume a work dir whose config differs only in keys that extend or re-report '
+    'the run (jaxreid.workdir.SAFE_CHANGES, e.g. more epochs).',
+)
 flags.DEFINE_bool('verbose', False, 'Show the Python traceback of an error.')
 FLAGS = flags.FLAGS
 
@@ -53,25 +66,43 @@ def main(argv):
   if FLAGS.deterministic:  # read when the backend starts, i.e. before any device use below
     os.environ['XLA_FLAGS'] = deterministic_xla_flags(os.environ.get('XLA_FLAGS', ''))
   import jax
+
   if FLAGS.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   from jaxreid import run  # imported after flags so --help stays fast
+
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join(
-      'workdirs', f'{config.method}_{run.domain_name(config, "source")}_to_'
-      f'{run.domain_name(config, "target")}')
+      'workdirs',
+      f'{config.method}_{run.domain_name(config, "source")}_to_'
+      f'{run.domain_name(config, "target")}',
+  )
   from jaxreid.checkpoint import CheckpointError
   from jaxreid.convert import ConversionError
   from jaxreid.data import DataError
   from jaxreid.workdir import WorkdirError
+
   try:
     run.train_and_evaluate(config, workdir, allow_safe_changes=FLAGS.allow_safe_changes)
-  except (ValueError, FileNotFoundError, run.NonFiniteLossError, WorkdirError,
-          CheckpointError) as e:
-    user_error = (isinstance(e, (DataError, FileNotFoundError, run.NonFiniteLossError,
-                                 ConversionError, WorkdirError, CheckpointError))
-                  or str(e).startswith('config.'))
+  except (
+      ValueError,
+      FileNotFoundError,
+      run.NonFiniteLossError,
+      WorkdirError,
+      CheckpointError,
+  ) as e:
+    user_error = isinstance(
+        e,
+        (
+            DataError,
+            FileNotFoundError,
+            run.NonFiniteLossError,
+            ConversionError,
+            WorkdirError,
+            CheckpointError,
+        ),
+    ) or str(e).startswith('config.')
     if FLAGS.verbose or not user_error:
       raise
     print(f'error: {e}', file=sys.stderr)

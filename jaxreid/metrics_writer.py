@@ -11,7 +11,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import numpy as np
 
@@ -39,6 +40,7 @@ class MetricsWriter:
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
       except ImportError:  # pragma: no cover - tensorboardX is a declared dependency
         self._tb = None
@@ -93,7 +95,7 @@ class Progress:
     if not self.epoch_times:
       return float('nan')
     per_epoch = float(np.median(self.epoch_times))
-    remaining = (self.total_epochs - epoch - fraction_of_epoch)
+    remaining = self.total_epochs - epoch - fraction_of_epoch
     return per_epoch * max(remaining, 0.0)
 
   def line(self, epoch: int, it: int, seconds_in_epoch: float, text: str = '') -> str:
@@ -103,8 +105,10 @@ class Progress:
     eta = f'epoch eta {format_duration(left_in_epoch)}' if math.isfinite(left_in_epoch) else ''
     if math.isfinite(run_eta):
       eta += f', run eta {format_duration(run_eta)}'
-    return (f'[{self.stage}] epoch {epoch + 1}/{self.total_epochs} it {it}/{self.iters} '
-            f'{text} | {rate:.2f} it/s | {eta}')
+    return (
+        f'[{self.stage}] epoch {epoch + 1}/{self.total_epochs} it {it}/{self.iters} '
+        f'{text} | {rate:.2f} it/s | {eta}'
+    )
 
 
 class Ticker:
@@ -120,8 +124,10 @@ class Ticker:
     elapsed = time.time() - self.t0
     if self.done / self.total >= self.next_report and elapsed >= self.min_seconds:
       eta = elapsed * (self.total - self.done) / max(self.done, 1)
-      log(f'{self.label}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%) '
-          f'{format_duration(elapsed)} elapsed, eta {format_duration(eta)}')
+      log(
+          f'{self.label}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%) '
+          f'{format_duration(elapsed)} elapsed, eta {format_duration(eta)}'
+      )
       self.next_report = math.floor(self.done / self.total * 10 + 1) / 10
 
 

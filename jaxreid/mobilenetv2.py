@@ -22,14 +22,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxreid.layers import (ConvBN, Dtype, bn_scale_init_abmt, conv_init_fan_in,
-                            conv_init_fan_out)
+from jaxreid.layers import ConvBN
+from jaxreid.layers import Dtype
+from jaxreid.layers import bn_scale_init_abmt
+from jaxreid.layers import conv_init_fan_in
+from jaxreid.layers import conv_init_fan_out
 
 Array = jax.Array
 
 # (expansion t, output channels c, blocks n, first stride s), torchvision's inverted_residual_setting
-SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-            (6, 160, 3, 2), (6, 320, 1, 1))
+SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 FEATURE_DIM = 1280
 BRANCH_STAGE = 4
 STAGE_OF_BLOCK = (0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4)  # features[i] -> stage
@@ -52,6 +62,7 @@ def block_specs(last_stride: int = 2):
 class InvertedResidual(nn.Module):
   """torchvision InvertedResidual: [1x1 expand] -> depthwise 3x3 (stride) -> 1x1 project;
   identity shortcut when stride 1 and in == out."""
+
   features: int
   expansion: int
   stride: int = 1
@@ -62,8 +73,12 @@ class InvertedResidual(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    kw = dict(dtype=self.dtype, norm_group_size=self.norm_group_size,
-              kernel_init=self.kernel_init, bn_scale_init=self.bn_scale_init)
+    kw = dict(
+        dtype=self.dtype,
+        norm_group_size=self.norm_group_size,
+        kernel_init=self.kernel_init,
+        bn_scale_init=self.bn_scale_init,
+    )
     hidden = x.shape[-1] * self.expansion
     y = x
     if self.expansion != 1:
@@ -79,6 +94,7 @@ class MobileNetV2Trunk(nn.Module):
   """Stages `stages` of MobileNetV2 `features`; `extra_block` inserts ABMT's extra block (an
   inverted residual 320 -> 320, t = 6, identity shortcut; convs Kaiming-normal fan_in, BN scales
   N(1, 0.02)) before the final 1x1 conv."""
+
   last_stride: int = 2
   dtype: Dtype = jnp.float32
   norm_group_size: int = 0
@@ -96,20 +112,43 @@ class MobileNetV2Trunk(nn.Module):
         x = InvertedResidual(cout, t, stride, **kw, name=f'features_{i}')(x, train)
     if 4 in self.stages:
       if self.extra_block:
-        x = InvertedResidual(x.shape[-1], 6, 1, **kw, kernel_init=conv_init_fan_in,
-                             bn_scale_init=bn_scale_init_abmt, name='extra')(x, train)
+        x = InvertedResidual(
+            x.shape[-1],
+            6,
+            1,
+            **kw,
+            kernel_init=conv_init_fan_in,
+            bn_scale_init=bn_scale_init_abmt,
+            name='extra',
+        )(x, train)
       x = ConvBN(FEATURE_DIM, act='relu6', **kw, name='features_18')(x, train)
     return x
 
 
 # torchvision names of a block's children: modern (Conv2dNormActivation nesting) and the older
 # flat Sequential; (expansion == 1, expansion != 1) variants.
-_MODERN = ({'dw/conv': '0.0', 'dw/bn': '0.1', 'project/conv': '1', 'project/bn': '2'},
-           {'expand/conv': '0.0', 'expand/bn': '0.1', 'dw/conv': '1.0', 'dw/bn': '1.1',
-            'project/conv': '2', 'project/bn': '3'})
-_FLAT = ({'dw/conv': '0', 'dw/bn': '1', 'project/conv': '3', 'project/bn': '4'},
-         {'expand/conv': '0', 'expand/bn': '1', 'dw/conv': '3', 'dw/bn': '4',
-          'project/conv': '6', 'project/bn': '7'})
+_MODERN = (
+    {'dw/conv': '0.0', 'dw/bn': '0.1', 'project/conv': '1', 'project/bn': '2'},
+    {
+        'expand/conv': '0.0',
+        'expand/bn': '0.1',
+        'dw/conv': '1.0',
+        'dw/bn': '1.1',
+        'project/conv': '2',
+        'project/bn': '3',
+    },
+)
+_FLAT = (
+    {'dw/conv': '0', 'dw/bn': '1', 'project/conv': '3', 'project/bn': '4'},
+    {
+        'expand/conv': '0',
+        'expand/bn': '1',
+        'dw/conv': '3',
+        'dw/bn': '4',
+        'project/conv': '6',
+        'project/bn': '7',
+    },
+)
 LAYOUTS = {'modern': _MODERN, 'flat': _FLAT}
 
 

@@ -31,16 +31,26 @@ Classifier *rows* in PyTorch terms are the *columns* of the Flax kernel: row k =
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any
+from typing import Callable
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreid import mobilenetv2, osnet
-from jaxreid.layers import (BatchNorm, Dtype, InstanceNorm, bn_scale_init_abmt, classifier_init,
-                            conv2d, conv_init_fan_in, conv_init_fan_out, l2_normalize)
+from jaxreid import mobilenetv2
+from jaxreid import osnet
+from jaxreid.layers import BatchNorm
+from jaxreid.layers import Dtype
+from jaxreid.layers import InstanceNorm
+from jaxreid.layers import bn_scale_init_abmt
+from jaxreid.layers import classifier_init
+from jaxreid.layers import conv2d
+from jaxreid.layers import conv_init_fan_in
+from jaxreid.layers import conv_init_fan_out
+from jaxreid.layers import l2_normalize
 from jaxreid.layers import to_dtype as _to_dtype
 
 Array = jax.Array
@@ -57,8 +67,10 @@ _EXPANSION = {'basic': 1, 'bottleneck': 4}
 POOLINGS = ('avg', 'max', 'gem')
 GEM_P = 3.0  # fixed (not learned) GeM exponent; no reference run uses GeM
 
+
 class IBN(nn.Module):
   """IBN-a: first `planes // 2` channels InstanceNorm (`IN`), the rest BatchNorm (`BN`)."""
+
   planes: int
   use_running_average: bool = False
   dtype: Dtype = jnp.float32
@@ -68,8 +80,12 @@ class IBN(nn.Module):
   def __call__(self, x: Array) -> Array:
     half = self.planes // 2
     a = InstanceNorm(dtype=self.dtype, name='IN')(x[..., :half])
-    b = BatchNorm(use_running_average=self.use_running_average, dtype=self.dtype,
-                  group_size=self.group_size, name='BN')(x[..., half:])
+    b = BatchNorm(
+        use_running_average=self.use_running_average,
+        dtype=self.dtype,
+        group_size=self.group_size,
+        name='BN',
+    )(x[..., half:])
     return jnp.concatenate([a, b], axis=-1)
 
 
@@ -79,6 +95,7 @@ class IBN(nn.Module):
 
 class ResidualBlock(nn.Module):
   """torchvision BasicBlock / Bottleneck (v1.5: stride on the 3x3 conv), optional IBN-a bn1."""
+
   planes: int
   block: str = 'bottleneck'
   stride: int = 1
@@ -94,15 +111,25 @@ class ResidualBlock(nn.Module):
     out_ch = self.planes * exp
 
     def bn(name):
-      return BatchNorm(use_running_average=not train, dtype=self.dtype, name=name,
-                       group_size=self.norm_group_size, scale_init=self.bn_scale_init)
+      return BatchNorm(
+          use_running_average=not train,
+          dtype=self.dtype,
+          name=name,
+          group_size=self.norm_group_size,
+          scale_init=self.bn_scale_init,
+      )
 
     def conv(features, kernel, stride, pad, name):
       return conv2d(features, kernel, stride, pad, self.dtype, self.kernel_init, name)
 
     if self.ibn:
-      norm1 = IBN(self.planes, use_running_average=not train, dtype=self.dtype,
-                  group_size=self.norm_group_size, name='bn1')
+      norm1 = IBN(
+          self.planes,
+          use_running_average=not train,
+          dtype=self.dtype,
+          group_size=self.norm_group_size,
+          name='bn1',
+      )
     else:
       norm1 = bn('bn1')
 
@@ -123,6 +150,7 @@ class ResidualBlock(nn.Module):
 class ResNetTrunk(nn.Module):
   """A contiguous piece of a ResNet: any of stem (0) and layer1..4 (1..4), plus optionally
   ABMT's extra identity-shortcut bottleneck (C -> C/4 -> C/4 -> C) at the end."""
+
   depth: int = 50
   width: int = 64
   ibn: bool = False
@@ -141,8 +169,12 @@ class ResNetTrunk(nn.Module):
     x = x.astype(self.dtype)
     if 0 in self.stages:
       x = conv2d(self.width, 7, 2, 3, self.dtype, conv_init_fan_out, 'conv1')(x)
-      x = BatchNorm(use_running_average=not train, dtype=self.dtype,
-                    group_size=self.norm_group_size, name='bn1')(x)
+      x = BatchNorm(
+          use_running_average=not train,
+          dtype=self.dtype,
+          group_size=self.norm_group_size,
+          name='bn1',
+      )(x)
       if self.stem_relu:
         x = nn.relu(x)
       # -inf padding (Flax pools pad with the reduction's init value), as nn.MaxPool2d(3, 2, 1).
@@ -153,9 +185,15 @@ class ResNetTrunk(nn.Module):
       planes = self.width * 2 ** (s - 1)
       stride = {1: 1, 2: 2, 3: 2, 4: self.last_stride}[s]
       for i in range(counts[s - 1]):
-        x = ResidualBlock(planes, block, stride if i == 0 else 1, ibn=self.ibn and s < 4,
-                          dtype=self.dtype, norm_group_size=self.norm_group_size,
-                          name=f'layer{s}_{i}')(x, train)
+        x = ResidualBlock(
+            planes,
+            block,
+            stride if i == 0 else 1,
+            ibn=self.ibn and s < 4,
+            dtype=self.dtype,
+            norm_group_size=self.norm_group_size,
+            name=f'layer{s}_{i}',
+        )(x, train)
     if self.extra_bottleneck:
       x = _extra_block(x.shape[-1], self.dtype, self.norm_group_size, 'extra')(x, train)
     return x
@@ -164,9 +202,16 @@ class ResNetTrunk(nn.Module):
 def _extra_block(channels, dtype, norm_group_size, name=None):
   """ABMT's extra bottleneck (torchvision `Bottleneck(2048, 512)` at width 64): identity shortcut,
   convs Kaiming-normal fan_in, BN scales ~ N(1, 0.02), biases 0 (docs/reference.md section 1)."""
-  return ResidualBlock(channels // 4, 'bottleneck', 1, dtype=dtype,
-                       norm_group_size=norm_group_size, kernel_init=conv_init_fan_in,
-                       bn_scale_init=bn_scale_init_abmt, name=name)
+  return ResidualBlock(
+      channels // 4,
+      'bottleneck',
+      1,
+      dtype=dtype,
+      norm_group_size=norm_group_size,
+      kernel_init=conv_init_fan_in,
+      bn_scale_init=bn_scale_init_abmt,
+      name=name,
+  )
 
 
 def global_pool(x: Array, pooling: str) -> Array:
@@ -182,13 +227,24 @@ def global_pool(x: Array, pooling: str) -> Array:
 
 
 def _neck(name, train, group_size):
-  return BatchNorm(use_running_average=not train, use_bias=False, dtype=jnp.float32,
-                   group_size=group_size, name=name)
+  return BatchNorm(
+      use_running_average=not train,
+      use_bias=False,
+      dtype=jnp.float32,
+      group_size=group_size,
+      name=name,
+  )
 
 
 def _classifier(name, num_classes):
-  return nn.Dense(num_classes, use_bias=False, kernel_init=classifier_init, dtype=jnp.float32,
-                  param_dtype=jnp.float32, name=name)
+  return nn.Dense(
+      num_classes,
+      use_bias=False,
+      kernel_init=classifier_init,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      name=name,
+  )
 
 
 BACKBONES = ('resnet', 'mobilenetv2') + tuple(osnet.CHANNELS)
@@ -211,11 +267,12 @@ class _ReIDFields(nn.Module):
   `backbone`: 'resnet' (`depth`, `width`, `ibn`, `stem_relu` apply), 'osnet_x1_0' ..
   'osnet_x0_25' (torchreid's OSNet), 'mobilenetv2' (torchvision's, width 1.0). `last_stride`
   applies to ResNet's layer4 and MobileNetV2's features[14] (OSNet has no stride there)."""
+
   backbone: str = 'resnet'
   depth: int = 50
   width: int = 64
   ibn: bool = False
-  stem_relu: bool | None = None   # None -> False for plain ResNet (MMT), True for IBN-a
+  stem_relu: bool | None = None  # None -> False for plain ResNet (MMT), True for IBN-a
   last_stride: int = 1
   pooling: str = 'avg'
   num_classes: int = 1024
@@ -227,18 +284,35 @@ class _ReIDFields(nn.Module):
     """The backbone module for `stages` (None: all), optionally with ABMT's extra block."""
     dtype = _to_dtype(self.dtype)
     if self.backbone == 'resnet':
-      return ResNetTrunk(self.depth, self.width, self.ibn,
-                         self.ibn if self.stem_relu is None else self.stem_relu,
-                         self.last_stride, dtype, self.norm_group_size,
-                         stages=tuple(range(5)) if stages is None else stages,
-                         extra_bottleneck=extra, name=name)
+      return ResNetTrunk(
+          self.depth,
+          self.width,
+          self.ibn,
+          self.ibn if self.stem_relu is None else self.stem_relu,
+          self.last_stride,
+          dtype,
+          self.norm_group_size,
+          stages=tuple(range(5)) if stages is None else stages,
+          extra_bottleneck=extra,
+          name=name,
+      )
     if self.backbone == 'mobilenetv2':
       return mobilenetv2.MobileNetV2Trunk(
-          self.last_stride, dtype, self.norm_group_size,
-          stages=tuple(range(5)) if stages is None else stages, extra_block=extra, name=name)
-    return osnet.OSNetTrunk(self.backbone, dtype, self.norm_group_size,
-                            stages=tuple(range(4)) if stages is None else stages,
-                            extra_block=extra, name=name)
+          self.last_stride,
+          dtype,
+          self.norm_group_size,
+          stages=tuple(range(5)) if stages is None else stages,
+          extra_block=extra,
+          name=name,
+      )
+    return osnet.OSNetTrunk(
+        self.backbone,
+        dtype,
+        self.norm_group_size,
+        stages=tuple(range(4)) if stages is None else stages,
+        extra_block=extra,
+        name=name,
+    )
 
   def head(self, name: str, f: Array, train: bool):
     """Pooled feature -> (features for triplet losses, neck output for the classifier and
@@ -295,10 +369,14 @@ class ABMTNet(_ReIDFields):
     _check_fields(self)
     last = branch_stage(self.backbone)
     t = self.trunk('backbone', stages=tuple(range(last)))(x, train)
-    fa, bn_a = self.head('avg_neck', global_pool(self.trunk('avg_branch', (last,))(t, train),
-                                                 'avg'), train)
-    fm, bn_m = self.head('max_neck', global_pool(
-        self.trunk('max_branch', (last,), extra=True)(t, train), 'max'), train)
+    fa, bn_a = self.head(
+        'avg_neck', global_pool(self.trunk('avg_branch', (last,))(t, train), 'avg'), train
+    )
+    fm, bn_m = self.head(
+        'max_neck',
+        global_pool(self.trunk('max_branch', (last,), extra=True)(t, train), 'max'),
+        train,
+    )
     if not train and not self.is_initializing():
       return l2_normalize(jnp.concatenate([bn_a, bn_m], axis=-1))
     if self.dropout > 0:
@@ -317,9 +395,19 @@ class ABMTNet(_ReIDFields):
 # Helpers
 
 
-MODEL_FIELDS = ('backbone', 'depth', 'width', 'ibn', 'stem_relu', 'last_stride', 'pooling',
-                'num_classes',
-                'dropout', 'dtype', 'norm_group_size')
+MODEL_FIELDS = (
+    'backbone',
+    'depth',
+    'width',
+    'ibn',
+    'stem_relu',
+    'last_stride',
+    'pooling',
+    'num_classes',
+    'dropout',
+    'dtype',
+    'norm_group_size',
+)
 # Keys a model config may carry that are not model fields (used by other modules).
 _NON_MODEL_KEYS = ('arch', 'pretrained', 'pretrained_path', 'weights', 'init_checkpoint')
 
@@ -375,8 +463,9 @@ def class_mask(num_active, num_classes: int) -> Array:
 def _set_rows(kernel: Array, rows: Array) -> Array:
   k = rows.shape[0]
   if k > kernel.shape[1]:
-    raise ValueError(f'{k} centroids but the classifier has only {kernel.shape[1]} rows '
-                     '(raise num_classes)')
+    raise ValueError(
+        f'{k} centroids but the classifier has only {kernel.shape[1]} rows ' '(raise num_classes)'
+    )
   if rows.shape[1] != kernel.shape[0]:
     raise ValueError(f'centroid dim {rows.shape[1]} != classifier input dim {kernel.shape[0]}')
   new = jnp.zeros_like(kernel)
@@ -396,8 +485,10 @@ def set_classifier_rows(params, centroids) -> Any:
   centroids = jnp.asarray(centroids)
   out = dict(params)
   if 'classifier' in params:
-    out['classifier'] = {**params['classifier'],
-                         'kernel': _set_rows(params['classifier']['kernel'], centroids)}
+    out['classifier'] = {
+        **params['classifier'],
+        'kernel': _set_rows(params['classifier']['kernel'], centroids),
+    }
   elif 'avg_classifier' in params and 'max_classifier' in params:
     d = params['avg_classifier']['kernel'].shape[0]
     if centroids.shape[1] != 2 * d:
@@ -419,6 +510,7 @@ def init_variables(model, seed: int = 0, example=None, paths=None) -> dict:
   gets the same values as the full call. `example`: an input (array or ShapeDtypeStruct) for
   modules other than ReIDNet / ABMTNet."""
   from flax import traverse_util
+
   if example is None:
     abstract = abstract_variables(model, 64, 64)
   else:
@@ -484,8 +576,9 @@ def _jaxpr_macs(jaxpr) -> int:
   return total
 
 
-def flops_per_image(model, height: int = 256, width: int = 128, train: bool = False,
-                    method: str = 'analytic') -> float:
+def flops_per_image(
+    model, height: int = 256, width: int = 128, train: bool = False, method: str = 'analytic'
+) -> float:
   """Forward FLOPs per image (batch 1; train mode uses batch 2 and halves). Shapes only: nothing
   is computed or compiled.
 
@@ -500,12 +593,17 @@ def flops_per_image(model, height: int = 256, width: int = 128, train: bool = Fa
   batch = 2 if train else 1  # training-mode BN needs more than one value per channel at the neck
   x = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
   if train:
+
     def fn(v, x):
-      return model.apply(v, x, train=True, mutable=['batch_stats'],
-                         rngs={'dropout': jax.random.key(0)})
+      return model.apply(
+          v, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}
+      )
+
   else:
+
     def fn(v, x):
       return model.apply(v, x, train=False)
+
   if method == 'analytic':
     flops = 2.0 * _jaxpr_macs(jax.make_jaxpr(fn)(variables, x))
   elif method == 'xla':
@@ -525,14 +623,17 @@ REPORT_MODELS = (
 )
 
 
-def model_report(height: int = 256, width: int = 128, models=REPORT_MODELS,
-                 num_classes: int = 1024) -> str:
+def model_report(
+    height: int = 256, width: int = 128, models=REPORT_MODELS, num_classes: int = 1024
+) -> str:
   """Printable table: parameters (without / with a `num_classes`-wide classifier), eval-output
   dim, final map size and forward GFLOPs per image (`flops_per_image`: analytic 2 x MACs, and
   XLA's cost analysis)."""
-  lines = [f'Models at {height}x{width} (last stride 1), num_classes={num_classes}',
-           f'{"model":<18}{"params (M)":>12}{"+classifier":>13}{"emb dim":>9}{"map":>8}'
-           f'{"GFLOPs fwd":>12}{"(XLA)":>9}']
+  lines = [
+      f'Models at {height}x{width} (last stride 1), num_classes={num_classes}',
+      f'{"model":<18}{"params (M)":>12}{"+classifier":>13}{"emb dim":>9}{"map":>8}'
+      f'{"GFLOPs fwd":>12}{"(XLA)":>9}',
+  ]
   for name, kw in models:
     model = create_model(num_classes=num_classes, **kw)
     v = abstract_variables(model, height, width)
@@ -542,8 +643,10 @@ def model_report(height: int = 256, width: int = 128, models=REPORT_MODELS,
     fmap_w = -(-width // 16)
     gflops = flops_per_image(model, height, width) / 1e9
     xla = flops_per_image(model, height, width, method='xla') / 1e9
-    lines.append(f'{name:<18}{(total - cls) / 1e6:>12.2f}{total / 1e6:>13.2f}'
-                 f'{embedding_dim(model):>9}{f"{fmap_h}x{fmap_w}":>8}{gflops:>12.2f}{xla:>9.2f}')
+    lines.append(
+        f'{name:<18}{(total - cls) / 1e6:>12.2f}{total / 1e6:>13.2f}'
+        f'{embedding_dim(model):>9}{f"{fmap_h}x{fmap_w}":>8}{gflops:>12.2f}{xla:>9.2f}'
+    )
   return '\n'.join(lines)
 
 

@@ -46,16 +46,29 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
+from typing import Callable
+from typing import Iterable
+from typing import Iterator
+from typing import Mapping
 
 import jax.numpy as jnp
 
 from jaxreid import losses as _losses
 
 __all__ = [
-    'Term', 'LOSSES', 'TRIPLET_LOSSES', 'OUTPUT_KEYS', 'METHODS', 'register_loss',
-    'register_output_key', 'build_objective', 'compute_objective', 'objective_from_config',
-    'required_keys', 'weight_names',
+    'Term',
+    'LOSSES',
+    'TRIPLET_LOSSES',
+    'OUTPUT_KEYS',
+    'METHODS',
+    'register_loss',
+    'register_output_key',
+    'build_objective',
+    'compute_objective',
+    'objective_from_config',
+    'required_keys',
+    'weight_names',
 ]
 
 
@@ -75,8 +88,9 @@ LOSSES: dict[str, Callable[..., Any]] = {
 TRIPLET_LOSSES: set[str] = {'softmax_triplet', 'soft_softmax_triplet', 'margin_triplet'}
 
 
-def register_loss(name: str, fn: Callable[..., Any], *, triplet: bool = False,
-                  overwrite: bool = False) -> Callable[..., Any]:
+def register_loss(
+    name: str, fn: Callable[..., Any], *, triplet: bool = False, overwrite: bool = False
+) -> Callable[..., Any]:
   """Adds `fn` to `LOSSES` under `name` (returns `fn`, so it can be used as a decorator factory).
 
   `fn` must be a pure, jit-safe function of arrays returning a scalar. With `triplet=True` it must
@@ -102,6 +116,7 @@ def register_loss(name: str, fn: Callable[..., Any], *, triplet: bool = False,
 
 # ----------------------------------------------------------------------------------------------
 # The documented network outputs (the trainer produces exactly these keys).
+
 
 def _output_keys() -> dict[str, str]:
   keys = {
@@ -132,6 +147,7 @@ def register_output_key(key: str, description: str = '') -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Terms.
+
 
 class _FrozenMapping(Mapping):
   """A small immutable, hashable mapping (so Terms are hashable, e.g. as jit static arguments)."""
@@ -174,6 +190,7 @@ class Term:
     inputs: {argument name of the loss function: key of the outputs dict}.
     kwargs: static keyword arguments passed to the loss function (e.g. {'margin': 0.3}).
   """
+
   name: str
   loss: str
   weight: float
@@ -199,8 +216,10 @@ class Term:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(spec) - fields)
     if unknown:
-      raise ValueError(f'term {spec.get("name", "?")!r}: unknown field(s) {unknown}; '
-                       f'expected {sorted(fields)}')
+      raise ValueError(
+          f'term {spec.get("name", "?")!r}: unknown field(s) {unknown}; '
+          f'expected {sorted(fields)}'
+      )
     missing = sorted({'name', 'loss', 'weight', 'inputs'} - set(spec))
     if missing:
       raise ValueError(f'term {spec.get("name", "?")!r}: missing field(s) {missing}')
@@ -233,15 +252,19 @@ def _validate_term(term: Term) -> None:
   if not isinstance(term.name, str) or not term.name:
     raise ValueError(f'term name must be a non-empty string, got {term.name!r}')
   if term.loss not in LOSSES:
-    raise ValueError(f'term {term.name!r}: unknown loss {term.loss!r}; registered losses: '
-                     f'{sorted(LOSSES)} (add one with register_loss)')
+    raise ValueError(
+        f'term {term.name!r}: unknown loss {term.loss!r}; registered losses: '
+        f'{sorted(LOSSES)} (add one with register_loss)'
+    )
   if not math.isfinite(term.weight):
     raise ValueError(f'term {term.name!r}: weight must be finite, got {term.weight}')
   for arg, key in term.inputs.items():
     if not isinstance(key, str) or key not in OUTPUT_KEYS:
-      raise ValueError(f'term {term.name!r}: input {arg!r} reads output key {key!r}, which is not '
-                       f'a documented network output; documented keys: {sorted(OUTPUT_KEYS)} '
-                       f'(add one with register_output_key)')
+      raise ValueError(
+          f'term {term.name!r}: input {arg!r} reads output key {key!r}, which is not '
+          f'a documented network output; documented keys: {sorted(OUTPUT_KEYS)} '
+          f'(add one with register_output_key)'
+      )
   overlap = sorted(set(term.inputs) & set(term.kwargs))
   if overlap:
     raise ValueError(f'term {term.name!r}: argument(s) {overlap} given both in inputs and kwargs')
@@ -250,25 +273,38 @@ def _validate_term(term: Term) -> None:
     given = set(term.inputs) | set(term.kwargs)
     unknown = sorted(given - set(params))
     if unknown:
-      raise ValueError(f'term {term.name!r}: loss {term.loss!r} has no argument(s) {unknown}; its '
-                       f'arguments are {list(params)}')
-    missing = sorted(n for n, p in params.items()
-                     if p.default is inspect.Parameter.empty and n not in given)
+      raise ValueError(
+          f'term {term.name!r}: loss {term.loss!r} has no argument(s) {unknown}; its '
+          f'arguments are {list(params)}'
+      )
+    missing = sorted(
+        n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in given
+    )
     if missing:
-      raise ValueError(f'term {term.name!r}: loss {term.loss!r} needs argument(s) {missing} '
-                       f'(map them in inputs to output keys, or give them in kwargs)')
+      raise ValueError(
+          f'term {term.name!r}: loss {term.loss!r} needs argument(s) {missing} '
+          f'(map them in inputs to output keys, or give them in kwargs)'
+      )
   if term.loss in TRIPLET_LOSSES and not {'features', 'labels'} <= set(term.inputs):
-    raise ValueError(f'term {term.name!r}: triplet loss {term.loss!r} must read `features` and '
-                     f'`labels` from the outputs')
+    raise ValueError(
+        f'term {term.name!r}: triplet loss {term.loss!r} must read `features` and '
+        f'`labels` from the outputs'
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Method definitions.
 
+
 def _ce(name, net, weight, epsilon):
   kwargs = {} if epsilon is None else {'epsilon': float(epsilon)}
-  return Term(name, 'cross_entropy_label_smooth', weight,
-              {'logits': f'{net}/logits', 'labels': 'labels', 'class_mask': 'class_mask'}, kwargs)
+  return Term(
+      name,
+      'cross_entropy_label_smooth',
+      weight,
+      {'logits': f'{net}/logits', 'labels': 'labels', 'class_mask': 'class_mask'},
+      kwargs,
+  )
 
 
 def _tri(name, net, weight):
@@ -276,45 +312,69 @@ def _tri(name, net, weight):
 
 
 def _soft_ce(name, net, teacher, weight):
-  return Term(name, 'soft_entropy', weight,
-              {'logits': f'{net}/logits', 'teacher_logits': f'{teacher}/logits',
-               'class_mask': 'class_mask'})
+  return Term(
+      name,
+      'soft_entropy',
+      weight,
+      {
+          'logits': f'{net}/logits',
+          'teacher_logits': f'{teacher}/logits',
+          'class_mask': 'class_mask',
+      },
+  )
 
 
 def _soft_tri(name, net, teacher, weight):
-  return Term(name, 'soft_softmax_triplet', weight,
-              {'features': f'{net}/features', 'teacher_features': f'{teacher}/features',
-               'labels': 'labels'})
+  return Term(
+      name,
+      'soft_softmax_triplet',
+      weight,
+      {
+          'features': f'{net}/features',
+          'teacher_features': f'{teacher}/features',
+          'labels': 'labels',
+      },
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Method:
-  params: Mapping[str, float]                     # parameter name -> default
-  groups: Callable[[Mapping[str, float]], dict]   # params -> {group: default weight}
-  terms: Callable[[float | None], list]           # epsilon -> [(group, Term with weight 0)]
+  params: Mapping[str, float]  # parameter name -> default
+  groups: Callable[[Mapping[str, float]], dict]  # params -> {group: default weight}
+  terms: Callable[[float | None], list]  # epsilon -> [(group, Term with weight 0)]
   check: Callable[[Mapping[str, float]], None] = lambda params: None
 
 
 def _mmt_groups(p):
-  return {'ce': 1.0 - p['soft_ce_weight'], 'tri': 1.0 - p['soft_tri_weight'],
-          'soft_ce': p['soft_ce_weight'], 'soft_tri': p['soft_tri_weight']}
+  return {
+      'ce': 1.0 - p['soft_ce_weight'],
+      'tri': 1.0 - p['soft_tri_weight'],
+      'soft_ce': p['soft_ce_weight'],
+      'soft_tri': p['soft_tri_weight'],
+  }
 
 
 def _mmt_terms(eps):
   out = []
   for i, j in ((1, 2), (2, 1)):
     s, t = f'student{i}', f'teacher{j}'
-    out += [('ce', _ce(f'ce{i}', s, 0.0, eps)), ('tri', _tri(f'tri{i}', s, 0.0)),
-            ('soft_ce', _soft_ce(f'soft_ce{i}', s, t, 0.0)),
-            ('soft_tri', _soft_tri(f'soft_tri{i}', s, t, 0.0))]
+    out += [
+        ('ce', _ce(f'ce{i}', s, 0.0, eps)),
+        ('tri', _tri(f'tri{i}', s, 0.0)),
+        ('soft_ce', _soft_ce(f'soft_ce{i}', s, t, 0.0)),
+        ('soft_tri', _soft_tri(f'soft_tri{i}', s, t, 0.0)),
+    ]
   return out
 
 
 def _mean_teacher_terms(eps):
   s, t = 'student1', 'teacher1'
-  return [('ce', _ce('ce', s, 0.0, eps)), ('tri', _tri('tri', s, 0.0)),
-          ('soft_ce', _soft_ce('soft_ce', s, t, 0.0)),
-          ('soft_tri', _soft_tri('soft_tri', s, t, 0.0))]
+  return [
+      ('ce', _ce('ce', s, 0.0, eps)),
+      ('tri', _tri('tri', s, 0.0)),
+      ('soft_ce', _soft_ce('soft_ce', s, t, 0.0)),
+      ('soft_tri', _soft_tri('soft_tri', s, t, 0.0)),
+  ]
 
 
 def _baseline_terms(eps):
@@ -324,18 +384,22 @@ def _baseline_terms(eps):
 def _baseline_check(p):
   nonzero = sorted(k for k, v in p.items() if v != 0)
   if nonzero:
-    raise ValueError(f"method 'cluster_baseline' has no teacher, so {nonzero} must be 0; use "
-                     f"method 'mean_teacher' or 'mmt' for soft (teacher) terms")
+    raise ValueError(
+        f"method 'cluster_baseline' has no teacher, so {nonzero} must be 0; use "
+        f"method 'mean_teacher' or 'mmt' for soft (teacher) terms"
+    )
 
 
 def _abmt_terms(eps):
   s, t = 'student1', 'teacher1'
   out = []
   for b, other in (('avg', 'max'), ('max', 'avg')):
-    out += [('ce', _ce(f'ce_{b}', f'{s}/{b}', 0.0, eps)),
-            ('soft_ce', _soft_ce(f'soft_ce_{b}', f'{s}/{b}', f'{t}/{other}', 0.0)),
-            ('soft_tri', _soft_tri(f'soft_tri_{b}', f'{s}/{b}', f'{t}/{other}', 0.0)),
-            ('tri', _tri(f'tri_{b}', f'{s}/{b}', 0.0))]
+    out += [
+        ('ce', _ce(f'ce_{b}', f'{s}/{b}', 0.0, eps)),
+        ('soft_ce', _soft_ce(f'soft_ce_{b}', f'{s}/{b}', f'{t}/{other}', 0.0)),
+        ('soft_tri', _soft_tri(f'soft_tri_{b}', f'{s}/{b}', f'{t}/{other}', 0.0)),
+        ('tri', _tri(f'tri_{b}', f'{s}/{b}', 0.0)),
+    ]
   return out
 
 
@@ -343,14 +407,17 @@ _MMT_PARAMS = {'soft_ce_weight': 0.5, 'soft_tri_weight': 0.8}
 
 METHODS: dict[str, _Method] = {
     'pretrain': _Method({}, lambda p: {'ce': 1.0, 'tri': 1.0}, _baseline_terms),
-    'cluster_baseline': _Method({'soft_ce_weight': 0.0, 'soft_tri_weight': 0.0},
-                                lambda p: {'ce': 1.0 - p['soft_ce_weight'],
-                                           'tri': 1.0 - p['soft_tri_weight']},
-                                _baseline_terms, _baseline_check),
+    'cluster_baseline': _Method(
+        {'soft_ce_weight': 0.0, 'soft_tri_weight': 0.0},
+        lambda p: {'ce': 1.0 - p['soft_ce_weight'], 'tri': 1.0 - p['soft_tri_weight']},
+        _baseline_terms,
+        _baseline_check,
+    ),
     'mean_teacher': _Method(_MMT_PARAMS, _mmt_groups, _mean_teacher_terms),
     'mmt': _Method(_MMT_PARAMS, _mmt_groups, _mmt_terms),
-    'abmt': _Method({}, lambda p: {'ce': 0.25, 'soft_ce': 0.25, 'soft_tri': 0.5, 'tri': 0.0},
-                    _abmt_terms),
+    'abmt': _Method(
+        {}, lambda p: {'ce': 0.25, 'soft_ce': 0.25, 'soft_tri': 0.5, 'tri': 0.0}, _abmt_terms
+    ),
 }
 
 # Keys of config.loss that are not weights (see objective_from_config).
@@ -375,9 +442,13 @@ def weight_names(method: str) -> dict[str, float]:
   return names
 
 
-def build_objective(method: str, weights: Mapping[str, float] | None = None,
-                    extra_terms: Iterable[Term | Mapping[str, Any]] = (), *,
-                    label_smoothing: float = 0.1) -> tuple[Term, ...]:
+def build_objective(
+    method: str,
+    weights: Mapping[str, float] | None = None,
+    extra_terms: Iterable[Term | Mapping[str, Any]] = (),
+    *,
+    label_smoothing: float = 0.1,
+) -> tuple[Term, ...]:
   """The terms of `method`'s loss (module docstring), with weight-0 terms dropped.
 
   Args:
@@ -396,8 +467,9 @@ def build_objective(method: str, weights: Mapping[str, float] | None = None,
   allowed = weight_names(method)
   for key in weights:
     if key not in allowed:
-      raise ValueError(f'unknown weight name {key!r} for method {method!r}; allowed names: '
-                       f'{sorted(allowed)}')
+      raise ValueError(
+          f'unknown weight name {key!r} for method {method!r}; allowed names: ' f'{sorted(allowed)}'
+      )
   for key, value in weights.items():
     try:
       weights[key] = float(value)
@@ -443,16 +515,20 @@ def objective_from_config(method: str, config: Mapping[str, Any] | Any | None) -
   elif isinstance(extra, list):
     extra = [Term.from_dict(spec) for spec in extra]
   else:
-    raise TypeError(f'loss config key "extra_terms" must be a list of term dicts or a dict of '
-                    f'them keyed by name, got {type(extra).__name__}')
+    raise TypeError(
+        f'loss config key "extra_terms" must be a list of term dicts or a dict of '
+        f'them keyed by name, got {type(extra).__name__}'
+    )
   kwargs = {}
   if 'label_smoothing' in cfg:
     kwargs['label_smoothing'] = float(cfg.pop('label_smoothing'))
   allowed = weight_names(method)
   for key in cfg:
     if key not in allowed:
-      raise ValueError(f'unknown loss config key {key!r} for method {method!r}: not a weight name '
-                       f'({sorted(allowed)}) nor one of {list(_RESERVED_CONFIG_KEYS)}')
+      raise ValueError(
+          f'unknown loss config key {key!r} for method {method!r}: not a weight name '
+          f'({sorted(allowed)}) nor one of {list(_RESERVED_CONFIG_KEYS)}'
+      )
   return build_objective(method, cfg, extra, **kwargs)
 
 
@@ -485,13 +561,17 @@ def compute_objective(terms: Iterable[Term], outputs: Mapping[str, Any]):
     args = {}
     for arg, key in term.inputs.items():
       if key not in outputs:
-        raise KeyError(f'objective term {term.name!r} needs output {key!r} (argument {arg!r} of '
-                       f'{term.loss}); available outputs: {sorted(outputs)}')
+        raise KeyError(
+            f'objective term {term.name!r} needs output {key!r} (argument {arg!r} of '
+            f'{term.loss}); available outputs: {sorted(outputs)}'
+        )
       args[arg] = outputs[key]
     value = jnp.asarray(LOSSES[term.loss](**args, **term.kwargs))
     if value.shape != ():
-      raise ValueError(f'term {term.name!r}: loss {term.loss!r} returned shape {value.shape}, '
-                       f'expected a scalar')
+      raise ValueError(
+          f'term {term.name!r}: loss {term.loss!r} returned shape {value.shape}, '
+          f'expected a scalar'
+      )
     metrics[f'loss/{term.name}'] = value
     total = total + term.weight * value.astype(jnp.float32)
     if term.loss in TRIPLET_LOSSES:

@@ -26,8 +26,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxreid.layers import (BatchNorm, ConvBN, DepthwiseConv, Dtype, bn_scale_init_abmt, conv2d,
-                            conv_init_fan_in, conv_init_fan_out)
+from jaxreid.layers import BatchNorm
+from jaxreid.layers import ConvBN
+from jaxreid.layers import DepthwiseConv
+from jaxreid.layers import Dtype
+from jaxreid.layers import bn_scale_init_abmt
+from jaxreid.layers import conv2d
+from jaxreid.layers import conv_init_fan_in
+from jaxreid.layers import conv_init_fan_out
 
 Array = jax.Array
 
@@ -38,8 +44,8 @@ CHANNELS = {
     'osnet_x0_5': (32, 128, 192, 256),
     'osnet_x0_25': (16, 64, 96, 128),
 }
-FEATURE_DIM = 512   # torchreid's fc width for every variant
-BRANCH_STAGE = 3    # ABMT duplicates stage 3 (conv4 + conv5) per branch
+FEATURE_DIM = 512  # torchreid's fc width for every variant
+BRANCH_STAGE = 3  # ABMT duplicates stage 3 (conv4 + conv5) per branch
 linear_init = nn.initializers.normal(stddev=0.01)  # torchreid `_init_params` for nn.Linear
 
 
@@ -50,6 +56,7 @@ def torch_name(flax_name: str) -> str:
 
 class _LightConv3x3(nn.Module):
   """1x1 conv (linear) -> depthwise 3x3 -> BN -> ReLU (torchreid LightConv3x3)."""
+
   features: int
   dtype: Dtype = jnp.float32
   norm_group_size: int = 0
@@ -60,14 +67,20 @@ class _LightConv3x3(nn.Module):
   def __call__(self, x, train=False):
     x = conv2d(self.features, 1, 1, 0, self.dtype, self.kernel_init, 'conv1')(x)
     x = DepthwiseConv(3, 1, 1, self.dtype, self.kernel_init, name='conv2')(x)
-    x = BatchNorm(use_running_average=not train, dtype=self.dtype, name='bn',
-                  group_size=self.norm_group_size, scale_init=self.bn_scale_init)(x)
+    x = BatchNorm(
+        use_running_average=not train,
+        dtype=self.dtype,
+        name='bn',
+        group_size=self.norm_group_size,
+        scale_init=self.bn_scale_init,
+    )(x)
     return nn.relu(x)
 
 
 class _ChannelGate(nn.Module):
   """Global average pool -> 1x1 conv (C -> C/16, bias) -> ReLU -> 1x1 conv (bias) -> sigmoid;
   the input times the gates."""
+
   dtype: Dtype = jnp.float32
   kernel_init: object = conv_init_fan_out
 
@@ -83,6 +96,7 @@ class _ChannelGate(nn.Module):
 class OSBlock(nn.Module):
   """Omni-scale residual block: four streams of 1, 2, 3, 4 lightweight 3x3 convs over a 1x1
   reduction (out/4 channels), fused by one shared channel gate, 1x1 expansion, residual."""
+
   features: int
   dtype: Dtype = jnp.float32
   norm_group_size: int = 0
@@ -92,8 +106,12 @@ class OSBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     mid = self.features // 4
-    kw = dict(dtype=self.dtype, norm_group_size=self.norm_group_size,
-              kernel_init=self.kernel_init, bn_scale_init=self.bn_scale_init)
+    kw = dict(
+        dtype=self.dtype,
+        norm_group_size=self.norm_group_size,
+        kernel_init=self.kernel_init,
+        bn_scale_init=self.bn_scale_init,
+    )
     x1 = ConvBN(mid, **kw, name='conv1')(x, train)
     gate = _ChannelGate(self.dtype, self.kernel_init, name='gate')
     x2 = None
@@ -114,6 +132,7 @@ class OSBlock(nn.Module):
 class OSNetTrunk(nn.Module):
   """Stages `stages` of OSNet (see the module docstring), plus optionally ABMT's extra OSBlock
   (C -> C, identity shortcut; convs Kaiming-normal fan_in, BN scales N(1, 0.02)) at the end."""
+
   variant: str = 'osnet_x1_0'
   dtype: Dtype = jnp.float32
   norm_group_size: int = 0
@@ -139,8 +158,13 @@ class OSNetTrunk(nn.Module):
       else:
         x = ConvBN(c[3], **kw, name='conv5')(x, train)
     if self.extra_block:
-      x = OSBlock(x.shape[-1], **kw, kernel_init=conv_init_fan_in,
-                  bn_scale_init=bn_scale_init_abmt, name='extra')(x, train)
+      x = OSBlock(
+          x.shape[-1],
+          **kw,
+          kernel_init=conv_init_fan_in,
+          bn_scale_init=bn_scale_init_abmt,
+          name='extra',
+      )(x, train)
     return x
 
 
@@ -149,12 +173,22 @@ class OSNetEmbedding(nn.Module):
 
   Returns (pre-BN Linear output, post-BN-ReLU embedding): the re-ID head's (features, neck
   output) pair, float32."""
+
   norm_group_size: int = 0
 
   @nn.compact
   def __call__(self, f: Array, train: bool = False):
-    z = nn.Dense(FEATURE_DIM, kernel_init=linear_init, dtype=jnp.float32,
-                 param_dtype=jnp.float32, name='fc_0')(f.astype(jnp.float32))
-    y = BatchNorm(use_running_average=not train, dtype=jnp.float32,
-                  group_size=self.norm_group_size, name='fc_1')(z)
+    z = nn.Dense(
+        FEATURE_DIM,
+        kernel_init=linear_init,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        name='fc_0',
+    )(f.astype(jnp.float32))
+    y = BatchNorm(
+        use_running_average=not train,
+        dtype=jnp.float32,
+        group_size=self.norm_group_size,
+        name='fc_1',
+    )(z)
     return z, nn.relu(y)

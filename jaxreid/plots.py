@@ -23,13 +23,21 @@ import math
 import os
 import re
 import sys
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable
+from typing import Mapping
+from typing import Sequence
 
 import numpy as np
 
 NON_ADAPT_STAGES = ('pretrain', 'pretrain_final', 'source_only')
-QUALITY_KEYS = ('cluster/purity', 'cluster/nmi', 'cluster/ari', 'cluster/pairwise_precision',
-                'cluster/pairwise_recall', 'cluster/pairwise_fscore')
+QUALITY_KEYS = (
+    'cluster/purity',
+    'cluster/nmi',
+    'cluster/ari',
+    'cluster/pairwise_precision',
+    'cluster/pairwise_recall',
+    'cluster/pairwise_fscore',
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,8 +53,10 @@ def load_metrics(workdir: str) -> dict[str, list[dict]]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.isfile(path):
     what = 'does not exist' if not os.path.exists(workdir) else 'has no metrics.jsonl'
-    raise FileNotFoundError(f'{workdir} {what}: pass the work dir of a jaxreid run (runs write '
-                            '<workdir>/metrics.jsonl from their first epoch on)')
+    raise FileNotFoundError(
+        f'{workdir} {what}: pass the work dir of a jaxreid run (runs write '
+        '<workdir>/metrics.jsonl from their first epoch on)'
+    )
   return _read_records(path)
 
 
@@ -115,6 +125,7 @@ def keys_with_prefix(records: Sequence[Mapping], prefix: str) -> list[str]:
 def _new_figure(rows: int, cols: int, panel_size=(5.0, 3.4)):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+
   fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows), layout='constrained')
   FigureCanvasAgg(fig)
   axes = [fig.add_subplot(rows, cols, i + 1) for i in range(rows * cols)]
@@ -138,6 +149,7 @@ def _line(ax, x, y, label, **kw):
 
 def _finish(ax, title, ylabel=None, xlabel='epoch', legend=True):
   from matplotlib.ticker import MaxNLocator
+
   ax.set_title(title)
   ax.set_xlabel(xlabel)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -154,8 +166,14 @@ def panel_losses(ax, recs, source_only=None) -> bool:
   for k in keys:
     x, y = series(recs, k)
     if len(x):
-      _line(ax, x, y, k[5:], linewidth=2.2 if k == 'loss/total' else 1.2,
-            color='black' if k == 'loss/total' else None)
+      _line(
+          ax,
+          x,
+          y,
+          k[5:],
+          linewidth=2.2 if k == 'loss/total' else 1.2,
+          color='black' if k == 'loss/total' else None,
+      )
       drawn = True
   _finish(ax, 'losses (epoch mean)', 'loss')
   return drawn
@@ -214,15 +232,33 @@ def panel_accuracy(ax, recs, source_only: Mapping | None = None) -> bool:
     if len(x):
       _line(ax, x, y, 'rank-1' if key == 'top1' else key, color=color, linewidth=2)
       drawn = True
-    for net in sorted({k.split('/')[0] for k in keys_with_prefix(recs, 'net')
-                       if re.fullmatch(r'net\d+/' + key, k)}):
+    for net in sorted(
+        {
+            k.split('/')[0]
+            for k in keys_with_prefix(recs, 'net')
+            if re.fullmatch(r'net\d+/' + key, k)
+        }
+    ):
       xn, yn = series(recs, f'{net}/{key}')
       if len(xn) and not (len(xn) == len(x) and np.allclose(yn, y)):
-        _line(ax, xn, yn, f'{net} {"rank-1" if key == "top1" else key}', color=color,
-              linewidth=0.8, alpha=0.6, markersize=2)
+        _line(
+            ax,
+            xn,
+            yn,
+            f'{net} {"rank-1" if key == "top1" else key}',
+            color=color,
+            linewidth=0.8,
+            alpha=0.6,
+            markersize=2,
+        )
     if drawn and source_only and isinstance(source_only.get(key), (int, float)):
-      ax.axhline(source_only[key], color=color, linestyle=':', linewidth=1.2,
-                 label=f'source only {"rank-1" if key == "top1" else key}')
+      ax.axhline(
+          source_only[key],
+          color=color,
+          linestyle=':',
+          linewidth=1.2,
+          label=f'source only {"rank-1" if key == "top1" else key}',
+      )
   _finish(ax, 'target accuracy', '%')
   return drawn
 
@@ -290,7 +326,7 @@ def plot_run(workdir: str, *, per_panel: bool = True, pretrain: bool = True) -> 
       fig, axes = _new_figure(rows, cols)
       for ax, fn in zip(axes, present):
         fn(ax, recs, source_only)
-      for ax in axes[len(present):]:
+      for ax in axes[len(present) :]:
         ax.set_axis_off()
       fig.suptitle(f'{os.path.basename(os.path.normpath(workdir))}: {stage}')
       written.insert(0, _save(fig, os.path.join(out_dir, 'overview.png')))
@@ -321,23 +357,44 @@ def plot_pretraining(workdir: str, out_path: str) -> str | None:
         total = k == 'loss/total'
         # One seed: a colour per term; several: a colour per seed, terms dashed.
         color = c if len(runs) > 1 else ('black' if total else colors[j % 10])
-        _line(ax_loss, x, y, f'{name} {k[5:]}', color=color, linewidth=2 if total else 0.9,
-              linestyle='-' if total or len(runs) == 1 else '--', markersize=2)
+        _line(
+            ax_loss,
+            x,
+            y,
+            f'{name} {k[5:]}',
+            color=color,
+            linewidth=2 if total else 0.9,
+            linestyle='-' if total or len(runs) == 1 else '--',
+            markersize=2,
+        )
     x, y = series(recs, 'lr')
     if len(x):
       _line(ax_lr, x, y, name, color=c)
     for key, style in (('source_mAP', '-'), ('source_top1', '--')):
       x, y = series(recs, key)
       if len(x):
-        _line(ax_acc, x, y, f'{name} {"rank-1" if key.endswith("top1") else "mAP"}', color=c,
-              linestyle=style)
+        _line(
+            ax_acc,
+            x,
+            y,
+            f'{name} {"rank-1" if key.endswith("top1") else "mAP"}',
+            color=c,
+            linestyle=style,
+        )
         any_acc = True
   _finish(ax_loss, 'pre-training losses', 'loss')
   _finish(ax_lr, 'pre-training learning rate', 'lr')
   _finish(ax_acc, 'source-domain accuracy', '%')
   if not any_acc:
-    ax_acc.text(0.5, 0.5, 'not evaluated\n(pretrain.eval_every = 0)', ha='center', va='center',
-                transform=ax_acc.transAxes, color='gray')
+    ax_acc.text(
+        0.5,
+        0.5,
+        'not evaluated\n(pretrain.eval_every = 0)',
+        ha='center',
+        va='center',
+        transform=ax_acc.transAxes,
+        color='gray',
+    )
   fig.suptitle(f'{os.path.basename(os.path.normpath(workdir))}: source pre-training')
   return _save(fig, out_path)
 
@@ -346,18 +403,24 @@ def plot_pretraining(workdir: str, out_path: str) -> str | None:
 # Several runs
 
 
-def plot_comparison(workdirs: Sequence[str], out_path: str,
-                    labels: Sequence[str] | None = None) -> str:
+def plot_comparison(
+    workdirs: Sequence[str], out_path: str, labels: Sequence[str] | None = None
+) -> str:
   """One figure comparing runs: mAP, rank-1 (source-only levels dotted), coupling and the
   number of clusters over epochs, one colour per run. Returns `out_path`."""
   workdirs = list(workdirs)
   if not workdirs:
     raise ValueError('plot_comparison: no work dirs given')
   if labels is not None and len(labels) != len(workdirs):
-    raise ValueError(f'plot_comparison: {len(labels)} labels for {len(workdirs)} work dirs; give '
-                     'one label per work dir')
-  labels = list(labels) if labels is not None else [
-      os.path.basename(os.path.normpath(w)) for w in workdirs]
+    raise ValueError(
+        f'plot_comparison: {len(labels)} labels for {len(workdirs)} work dirs; give '
+        'one label per work dir'
+    )
+  labels = (
+      list(labels)
+      if labels is not None
+      else [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  )
   runs = []
   for w, label in zip(workdirs, labels):
     stages = load_metrics(w)
@@ -365,8 +428,9 @@ def plot_comparison(workdirs: Sequence[str], out_path: str,
     so = (stages.get('source_only') or [None])[-1]
     runs.append((label, stages.get(stage, []) if stage else [], so))
   if not any(recs for _, recs, _ in runs):
-    raise ValueError('plot_comparison: none of the runs has adaptation records yet '
-                     f'({", ".join(workdirs)})')
+    raise ValueError(
+        'plot_comparison: none of the runs has adaptation records yet ' f'({", ".join(workdirs)})'
+    )
 
   def acc(ax, key, title):
     drawn = False
@@ -390,8 +454,14 @@ def plot_comparison(workdirs: Sequence[str], out_path: str,
       for j, k in enumerate(keys):
         x, y = series(recs, k)
         if len(x):
-          _line(ax, x, y, f'{label} {k.split("/", 1)[1]}', color=f'C{i % 10}',
-                linestyle=styles[j % len(styles)])
+          _line(
+              ax,
+              x,
+              y,
+              f'{label} {k.split("/", 1)[1]}',
+              color=f'C{i % 10}',
+              linestyle=styles[j % len(styles)],
+          )
           drawn = True
     _finish(ax, 'coupling between networks', 'coupling')
     return drawn
@@ -406,8 +476,12 @@ def plot_comparison(workdirs: Sequence[str], out_path: str,
     _finish(ax, 'number of clusters', 'clusters')
     return drawn
 
-  panels = [lambda ax: acc(ax, 'mAP', 'mAP'), lambda ax: acc(ax, 'top1', 'rank-1'),
-            coupling, clusters]
+  panels = [
+      lambda ax: acc(ax, 'mAP', 'mAP'),
+      lambda ax: acc(ax, 'top1', 'rank-1'),
+      coupling,
+      clusters,
+  ]
   # Draw every panel once on a scratch figure to learn which have data, then lay out those.
   probe, probe_axes = _new_figure(1, len(panels))
   present = [p for p, ax in zip(panels, probe_axes) if p(ax)]
@@ -416,7 +490,7 @@ def plot_comparison(workdirs: Sequence[str], out_path: str,
   fig, axes = _new_figure(rows, cols)
   for ax, p in zip(axes, present):
     p(ax)
-  for ax in axes[len(present):]:
+  for ax in axes[len(present) :]:
     ax.set_axis_off()
   fig.suptitle('comparison: ' + ', '.join(labels))
   return _save(fig, out_path)
@@ -425,10 +499,10 @@ def plot_comparison(workdirs: Sequence[str], out_path: str,
 # ----------------------------------------------------------------------------------------------
 # Retrieval figure (numpy / PIL)
 
-MATCH_COLOR = (0, 170, 0)        # true match (same identity)
-MISMATCH_COLOR = (220, 0, 0)     # false match
+MATCH_COLOR = (0, 170, 0)  # true match (same identity)
+MISMATCH_COLOR = (220, 0, 0)  # false match
 NEUTRAL_COLOR = (150, 150, 150)  # identity unknown
-QUERY_COLOR = (30, 80, 220)      # the query's frame
+QUERY_COLOR = (30, 80, 220)  # the query's frame
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
 
@@ -450,6 +524,7 @@ class RetrievalLayout:
     width = pad + cell_w + gap + k * (cell_w + pad),  height = pad + rows * (cell_h +
     text_height + pad)
   """
+
   rows: int
   k: int
   image_height: int  # of the source images (before scaling)
@@ -471,16 +546,21 @@ class RetrievalLayout:
   @property
   def size(self) -> tuple[int, int]:
     """(height, width) of the whole figure."""
-    return (self.pad + self.rows * (self.cell_height + self.text_height + self.pad),
-            self.pad + self.cell_width + self.gap + self.k * (self.cell_width + self.pad))
+    return (
+        self.pad + self.rows * (self.cell_height + self.text_height + self.pad),
+        self.pad + self.cell_width + self.gap + self.k * (self.cell_width + self.pad),
+    )
 
   def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
     """Image plus its border, for query `row` and column `col` (0 = query, j = rank j)."""
     if not (0 <= row < self.rows and 0 <= col <= self.k):
       raise IndexError(f'cell ({row}, {col}) outside {self.rows} rows x {self.k + 1} columns')
     top = self.pad + row * (self.cell_height + self.text_height + self.pad)
-    left = (self.pad if col == 0 else
-            self.pad + self.cell_width + self.gap + (col - 1) * (self.cell_width + self.pad))
+    left = (
+        self.pad
+        if col == 0
+        else self.pad + self.cell_width + self.gap + (col - 1) * (self.cell_width + self.pad)
+    )
     return top, left, top + self.cell_height, left + self.cell_width
 
   def image_box(self, row: int, col: int) -> tuple[int, int, int, int]:
@@ -494,17 +574,35 @@ class RetrievalLayout:
     return b, l, b + self.text_height, r
 
 
-def retrieval_layout(rows: int, k: int, image_hw: tuple[int, int], *, with_text: bool = True,
-                     scale: int | None = None, border: int = 4, pad: int = 4, gap: int = 24,
-                     text_height: int = 14, min_image_height: int = 128) -> RetrievalLayout:
+def retrieval_layout(
+    rows: int,
+    k: int,
+    image_hw: tuple[int, int],
+    *,
+    with_text: bool = True,
+    scale: int | None = None,
+    border: int = 4,
+    pad: int = 4,
+    gap: int = 24,
+    text_height: int = 14,
+    min_image_height: int = 128,
+) -> RetrievalLayout:
   """The layout `retrieval_figure` uses; `scale=None` picks the smallest integer factor that
   makes images at least `min_image_height` pixels tall (64x32 crops -> x2)."""
   h, w = int(image_hw[0]), int(image_hw[1])
   if scale is None:
     scale = max(1, math.ceil(min_image_height / max(h, 1)))
-  return RetrievalLayout(rows=int(rows), k=int(k), image_height=h, image_width=w,
-                         scale=int(scale), border=int(border), pad=int(pad), gap=int(gap),
-                         text_height=int(text_height) if with_text else 0)
+  return RetrievalLayout(
+      rows=int(rows),
+      k=int(k),
+      image_height=h,
+      image_width=w,
+      scale=int(scale),
+      border=int(border),
+      pad=int(pad),
+      gap=int(gap),
+      text_height=int(text_height) if with_text else 0,
+  )
 
 
 def _as_images(images, what: str) -> np.ndarray:
@@ -512,8 +610,10 @@ def _as_images(images, what: str) -> np.ndarray:
   if arr is None:
     shapes = {np.shape(im) for im in images}
     if len(shapes) > 1:
-      raise ValueError(f'retrieval_figure: {what} have different sizes {sorted(shapes)}; '
-                       'resize them to one size first')
+      raise ValueError(
+          f'retrieval_figure: {what} have different sizes {sorted(shapes)}; '
+          'resize them to one size first'
+      )
     arr = np.stack([np.asarray(im) for im in images]) if len(images) else np.zeros((0, 1, 1, 3))
   if arr.ndim == 3:  # grayscale (N, H, W)
     arr = np.repeat(arr[..., None], 3, axis=-1)
@@ -526,6 +626,7 @@ def _as_images(images, what: str) -> np.ndarray:
 
 def _font(size: int):
   from PIL import ImageFont
+
   try:
     return ImageFont.load_default(size=size)
   except TypeError:  # Pillow < 10.1: fixed-size bitmap font
@@ -538,17 +639,28 @@ def _fit_text(draw, text: str, font, max_width: int) -> str:
   if draw.textlength(text, font=font) <= max_width:
     return text
   for keep in range(len(text) - 1, 0, -1):
-    head, tail = text[:(keep + 1) // 2], text[len(text) - keep // 2:] if keep // 2 else ''
+    head, tail = text[: (keep + 1) // 2], text[len(text) - keep // 2 :] if keep // 2 else ''
     short = head + '…' + tail
     if draw.textlength(short, font=font) <= max_width:
       return short
   return '…'
 
 
-def retrieval_figure(query_images, gallery_images, ranked_indices, is_match, out_path: str,
-                     distances=None, query_titles: Sequence[str] | None = None, *,
-                     scale: int | None = None, border: int = 4, pad: int = 4, gap: int = 24,
-                     text_height: int = 14) -> RetrievalLayout:
+def retrieval_figure(
+    query_images,
+    gallery_images,
+    ranked_indices,
+    is_match,
+    out_path: str,
+    distances=None,
+    query_titles: Sequence[str] | None = None,
+    *,
+    scale: int | None = None,
+    border: int = 4,
+    pad: int = 4,
+    gap: int = 24,
+    text_height: int = 14,
+) -> RetrievalLayout:
   """Writes a PNG of ranked lists (one row per query) and returns its `RetrievalLayout`.
 
   query_images (Q, H, W, 3) and gallery_images (G, H, W, 3) uint8 (one size for all);
@@ -558,19 +670,25 @@ def retrieval_figure(query_images, gallery_images, ranked_indices, is_match, out
   frame. distances (Q, k) are written under the gallery cells and query_titles under the
   queries. See `RetrievalLayout` for the exact geometry (border, gap and padding in pixels).
   """
-  from PIL import Image, ImageDraw
+  from PIL import Image
+  from PIL import ImageDraw
+
   q_imgs = _as_images(query_images, 'query_images')
   g_imgs = _as_images(gallery_images, 'gallery_images')
   ranked = np.asarray(ranked_indices, np.int64)
   if ranked.ndim != 2 or ranked.shape[0] != len(q_imgs):
-    raise ValueError(f'retrieval_figure: ranked_indices must be (Q={len(q_imgs)}, k), got '
-                     f'{ranked.shape}')
+    raise ValueError(
+        f'retrieval_figure: ranked_indices must be (Q={len(q_imgs)}, k), got ' f'{ranked.shape}'
+    )
   if q_imgs.shape[1:] != g_imgs.shape[1:]:
-    raise ValueError(f'retrieval_figure: query images are {q_imgs.shape[1:3]} but gallery images '
-                     f'{g_imgs.shape[1:3]}; resize them to one size first')
+    raise ValueError(
+        f'retrieval_figure: query images are {q_imgs.shape[1:3]} but gallery images '
+        f'{g_imgs.shape[1:3]}; resize them to one size first'
+    )
   if np.any(ranked >= len(g_imgs)):
-    raise ValueError(f'retrieval_figure: ranked_indices refer past the {len(g_imgs)} gallery '
-                     'images')
+    raise ValueError(
+        f'retrieval_figure: ranked_indices refer past the {len(g_imgs)} gallery ' 'images'
+    )
   nq, k = ranked.shape
   match = None if is_match is None else np.asarray(is_match, bool)
   if match is not None and match.shape != (nq, k):
@@ -580,10 +698,17 @@ def retrieval_figure(query_images, gallery_images, ranked_indices, is_match, out
     raise ValueError(f'retrieval_figure: distances must be {(nq, k)}, got {dist.shape}')
   if query_titles is not None and len(query_titles) != nq:
     raise ValueError(f'retrieval_figure: {len(query_titles)} query titles for {nq} queries')
-  layout = retrieval_layout(nq, k, q_imgs.shape[1:3],
-                            with_text=dist is not None or query_titles is not None,
-                            scale=scale, border=border, pad=pad, gap=gap,
-                            text_height=text_height)
+  layout = retrieval_layout(
+      nq,
+      k,
+      q_imgs.shape[1:3],
+      with_text=dist is not None or query_titles is not None,
+      scale=scale,
+      border=border,
+      pad=pad,
+      gap=gap,
+      text_height=text_height,
+  )
   canvas = np.empty(layout.size + (3,), np.uint8)
   canvas[:] = BACKGROUND
   s = layout.scale
@@ -634,15 +759,25 @@ def retrieval_figure(query_images, gallery_images, ranked_indices, is_match, out
 def main(argv: Iterable[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog='python -m jaxreid.plots', description=__doc__.split('\n')[0])
   p.add_argument('workdirs', nargs='+', metavar='WORKDIR', help='work dirs of jaxreid runs')
-  p.add_argument('--compare', default='', metavar='OUT.png',
-                 help='also write one figure comparing all the given runs')
-  p.add_argument('--labels', default='', help='comma-separated legend names for --compare '
-                 '(default: the work dirs\' folder names)')
+  p.add_argument(
+      '--compare',
+      default='',
+      metavar='OUT.png',
+      help='also write one figure comparing all the given runs',
+  )
+  p.add_argument(
+      '--labels',
+      default='',
+      help='comma-separated legend names for --compare ' "(default: the work dirs' folder names)",
+  )
   args = p.parse_args(None if argv is None else list(argv))
   labels = [s.strip() for s in args.labels.split(',')] if args.labels else None
   if labels is not None and len(labels) != len(args.workdirs):
-    print(f'error: --labels has {len(labels)} names for {len(args.workdirs)} work dirs; give '
-          'one per work dir', file=sys.stderr)
+    print(
+        f'error: --labels has {len(labels)} names for {len(args.workdirs)} work dirs; give '
+        'one per work dir',
+        file=sys.stderr,
+    )
     return 2
   status = 0
   for w in args.workdirs:

@@ -31,13 +31,14 @@ from jaxreid import plots
 @dataclasses.dataclass
 class SearchResult:
   """Everything a search produced, aligned with the readable images (skipped ones dropped)."""
+
   query: inference.ImageSet
   gallery: inference.ImageSet
-  query_features: np.ndarray    # (Q, D) unit rows
+  query_features: np.ndarray  # (Q, D) unit rows
   gallery_features: np.ndarray  # (G, D)
-  ranked: np.ndarray            # (Q, k) gallery indices, best first
-  distances: np.ndarray         # (Q, k) squared Euclidean distances
-  query_ids: list | None        # [(pid, camid)] from Market-style names, None if not all parse
+  ranked: np.ndarray  # (Q, k) gallery indices, best first
+  distances: np.ndarray  # (Q, k) squared Euclidean distances
+  query_ids: list | None  # [(pid, camid)] from Market-style names, None if not all parse
   gallery_ids: list | None
 
   @property
@@ -59,8 +60,9 @@ def _ids(paths):
   return None if any(p is None for p in parsed) else parsed
 
 
-def rank_gallery(qf: np.ndarray, gf: np.ndarray, k: int, block: int = 256
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def rank_gallery(
+    qf: np.ndarray, gf: np.ndarray, k: int, block: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
   """Top-k gallery indices (Q, k) by squared Euclidean distance and those distances.
 
   Computed in float64 on the host, blocked over queries (memory: block x G): a search has few
@@ -74,7 +76,7 @@ def rank_gallery(qf: np.ndarray, gf: np.ndarray, k: int, block: int = 256
   ranked = np.empty((len(qf), k), np.int64)
   dists = np.empty((len(qf), k), np.float64)
   for s in range(0, len(qf), block):
-    q = np.asarray(qf[s:s + block], np.float64)
+    q = np.asarray(qf[s : s + block], np.float64)
     d = np.maximum((q * q).sum(1)[:, None] + g_sq[None, :] - 2.0 * (q @ g.T), 0.0)
     if k < d.shape[1]:
       cand = np.argpartition(d, k - 1, axis=1)[:, :k]
@@ -82,23 +84,28 @@ def rank_gallery(qf: np.ndarray, gf: np.ndarray, k: int, block: int = 256
       cand = np.broadcast_to(np.arange(d.shape[1]), d.shape)
     cd = np.take_along_axis(d, cand, 1)
     order = np.lexsort((cand, cd), axis=1)  # by distance, then gallery index
-    ranked[s:s + block] = np.take_along_axis(cand, order, 1)
-    dists[s:s + block] = np.take_along_axis(cd, order, 1)
+    ranked[s : s + block] = np.take_along_axis(cand, order, 1)
+    dists[s : s + block] = np.take_along_axis(cd, order, 1)
   return ranked, dists
 
 
-def search(loaded: inference.LoadedModel, query_path: str, gallery_path: str, *, topk: int = 10,
-           batch_size: int = 256) -> SearchResult:
+def search(
+    loaded: inference.LoadedModel,
+    query_path: str,
+    gallery_path: str,
+    *,
+    topk: int = 10,
+    batch_size: int = 256,
+) -> SearchResult:
   """Reads both image sets, extracts features (one call, so one compiled batch shape) and ranks
   the gallery for every query by squared Euclidean distance (ties: gallery order)."""
   h, w = loaded.height, loaded.width
   query = inference.read_images(query_path, h, w, '--query')
   gallery = inference.read_images(gallery_path, h, w, '--gallery')
   feats = loaded.extract(np.concatenate([query.images, gallery.images]), batch_size)
-  qf, gf = feats[:len(query)], feats[len(query):]
+  qf, gf = feats[: len(query)], feats[len(query) :]
   ranked, dists = rank_gallery(qf, gf, topk)
-  return SearchResult(query, gallery, qf, gf, ranked, dists, _ids(query.paths),
-                      _ids(gallery.paths))
+  return SearchResult(query, gallery, qf, gf, ranked, dists, _ids(query.paths), _ids(gallery.paths))
 
 
 def ranking_text(result: SearchResult) -> str:
@@ -111,48 +118,88 @@ def ranking_text(result: SearchResult) -> str:
     lines.append(f'  {"rank":>4}  {"distance":>8}  {"match":>5}  gallery image')
     for j, g in enumerate(result.ranked[i]):
       m = '-' if match is None else ('yes' if match[i, j] else 'no')
-      lines.append(f'  {j + 1:>4d}  {result.distances[i, j]:8.4f}  {m:>5}  '
-                   f'{os.path.basename(result.gallery.paths[g])}')
+      lines.append(
+          f'  {j + 1:>4d}  {result.distances[i, j]:8.4f}  {m:>5}  '
+          f'{os.path.basename(result.gallery.paths[g])}'
+      )
   return '\n'.join(lines)
 
 
 def export(result: SearchResult, out_dir: str, model_path: str) -> list[str]:
   """Features + paths / ids (as `jaxreid.evaluate`) and `ranking.json` with the top-k lists."""
+
   def split(images, feats, ids):
-    return dict(features=feats, paths=[os.path.abspath(p) for p in images.paths],
-                pids=None if ids is None else [p for p, _ in ids],
-                camids=None if ids is None else [c for _, c in ids])
-  written = inference.export_features(out_dir, {
-      'query': split(result.query, result.query_features, result.query_ids),
-      'gallery': split(result.gallery, result.gallery_features, result.gallery_ids)},
-      {'model': os.path.abspath(model_path)})
+    return dict(
+        features=feats,
+        paths=[os.path.abspath(p) for p in images.paths],
+        pids=None if ids is None else [p for p, _ in ids],
+        camids=None if ids is None else [c for _, c in ids],
+    )
+
+  written = inference.export_features(
+      out_dir,
+      {
+          'query': split(result.query, result.query_features, result.query_ids),
+          'gallery': split(result.gallery, result.gallery_features, result.gallery_ids),
+      },
+      {'model': os.path.abspath(model_path)},
+  )
   match = result.is_match
-  ranking = [{'query': os.path.abspath(q), 'matches': [
-      {'rank': j + 1, 'gallery': os.path.abspath(result.gallery.paths[g]),
-       'gallery_index': int(g), 'distance': float(result.distances[i, j]),
-       'match': None if match is None else bool(match[i, j])}
-      for j, g in enumerate(result.ranked[i])]} for i, q in enumerate(result.query.paths)]
+  ranking = [
+      {
+          'query': os.path.abspath(q),
+          'matches': [
+              {
+                  'rank': j + 1,
+                  'gallery': os.path.abspath(result.gallery.paths[g]),
+                  'gallery_index': int(g),
+                  'distance': float(result.distances[i, j]),
+                  'match': None if match is None else bool(match[i, j]),
+              }
+              for j, g in enumerate(result.ranked[i])
+          ],
+      }
+      for i, q in enumerate(result.query.paths)
+  ]
   path = os.path.join(out_dir, 'ranking.json')
   with open(path, 'w') as f:
-    json.dump({'skipped': [{'path': p, 'reason': r} for p, r in result.skipped],
-               'queries': ranking}, f, indent=1)
+    json.dump(
+        {'skipped': [{'path': p, 'reason': r} for p, r in result.skipped], 'queries': ranking},
+        f,
+        indent=1,
+    )
   return written + [path]
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='python -m jaxreid.search', description=__doc__.split('\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split('\n', 1)[1])
+  p = argparse.ArgumentParser(
+      prog='python -m jaxreid.search',
+      description=__doc__.split('\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=__doc__.split('\n', 1)[1],
+  )
   p.add_argument('--model', required=True, help='work dir of a finished run, or a .msgpack')
   p.add_argument('--query', required=True, help='an image file or a folder of images')
   p.add_argument('--gallery', required=True, help='a folder of images to search')
   p.add_argument('--topk', type=int, default=10, help='matches listed per query')
-  p.add_argument('--out', default='', help='write the retrieval picture to this PNG file '
-                 '(default: none; nothing is written to the current directory unasked)')
-  p.add_argument('--max_rows', type=int, default=20,
-                 help='queries shown in the picture (the first ones); all are printed')
-  p.add_argument('--export_features', default='', metavar='DIR',
-                 help='write features (.npy), paths / ids (.json) and ranking.json into DIR')
+  p.add_argument(
+      '--out',
+      default='',
+      help='write the retrieval picture to this PNG file '
+      '(default: none; nothing is written to the current directory unasked)',
+  )
+  p.add_argument(
+      '--max_rows',
+      type=int,
+      default=20,
+      help='queries shown in the picture (the first ones); all are printed',
+  )
+  p.add_argument(
+      '--export_features',
+      default='',
+      metavar='DIR',
+      help='write features (.npy), paths / ids (.json) and ranking.json into DIR',
+  )
   p.add_argument('--batch_size', type=int, default=256, help='images per feature batch')
   inference.add_model_flags(p)
   return p
@@ -167,30 +214,41 @@ def main(argv=None) -> int:
     loaded = inference.load_model(args.model, inference.model_overrides(args))
     print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
     t0 = time.time()
-    result = search(loaded, args.query, args.gallery, topk=args.topk,
-                    batch_size=args.batch_size)
+    result = search(loaded, args.query, args.gallery, topk=args.topk, batch_size=args.batch_size)
   except inference.InferenceError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   sys.stdout.flush()
   for path, reason in result.skipped:
     print(f'warning: skipped unreadable file {path}: {reason}', file=sys.stderr, flush=True)
-  print(f'{len(result.query)} query and {len(result.gallery)} gallery images, features in '
-        f'{time.time() - t0:.1f}s\n')
+  print(
+      f'{len(result.query)} query and {len(result.gallery)} gallery images, features in '
+      f'{time.time() - t0:.1f}s\n'
+  )
   print(ranking_text(result))
   match = result.is_match
   if match is None:
-    print('\nnote: not all file names follow the Market-1501 convention <pid>_c<camera>... '
-          '(e.g. 0002_c1s1_000451_03.jpg), so true / false matches are not marked (grey frames)')
+    print(
+        '\nnote: not all file names follow the Market-1501 convention <pid>_c<camera>... '
+        '(e.g. 0002_c1s1_000451_03.jpg), so true / false matches are not marked (grey frames)'
+    )
   written = []
   if args.out:
     rows = min(args.max_rows, len(result.query))
     plots.retrieval_figure(
-        result.query.images[:rows], result.gallery.images, result.ranked[:rows],
-        None if match is None else match[:rows], args.out, distances=result.distances[:rows],
-        query_titles=[os.path.basename(p) for p in result.query.paths[:rows]])
-    legend = ('green = same identity, red = different' if match is not None
-              else 'grey frames: identities unknown')
+        result.query.images[:rows],
+        result.gallery.images,
+        result.ranked[:rows],
+        None if match is None else match[:rows],
+        args.out,
+        distances=result.distances[:rows],
+        query_titles=[os.path.basename(p) for p in result.query.paths[:rows]],
+    )
+    legend = (
+        'green = same identity, red = different'
+        if match is not None
+        else 'grey frames: identities unknown'
+    )
     more = f', first {rows} of {len(result.query)} queries' if rows < len(result.query) else ''
     written.append(f'{args.out} ({legend}{more})')
   if args.export_features:
@@ -200,8 +258,10 @@ def main(argv=None) -> int:
   if not args.out:
     print('\n(add --out=retrieval.png for a picture of the ranked matches)')
   k = result.ranked.shape[1]
-  print(f'\nsummary: {len(result.query)} queries, {len(result.gallery)} gallery images, top {k} '
-        f'each; {len(result.skipped)} unreadable file(s) skipped')
+  print(
+      f'\nsummary: {len(result.query)} queries, {len(result.gallery)} gallery images, top {k} '
+      f'each; {len(result.skipped)} unreadable file(s) skipped'
+  )
   return 0
 
 

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from typing import Callable
+from typing import Mapping
+from typing import Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxreid import input_pipeline
 from jaxreid import objectives
@@ -36,6 +41,7 @@ class MethodSpec:
   MMT: net i and its teacher see view i; the soft losses pair student i with teacher j != i, so
   the two sides of every soft term saw different augmentations. ABMT: one view for everything.
   """
+
   num_students: int
   ema: bool
   student_views: tuple[int, ...]
@@ -66,6 +72,7 @@ class TrainState:
   Teachers have their own BN statistics, updated by their own train-mode forwards; only
   parameters are averaged (docs/reference.md section 3).
   """
+
   step: jax.Array
   params: dict
   batch_stats: dict
@@ -88,17 +95,25 @@ def net_names(spec: MethodSpec) -> tuple[str, ...]:
 # Optimizer
 
 
-def make_optimizer(learning_rate, *, weight_decay: float = 5e-4, b1: float = 0.9,
-                   b2: float = 0.999, eps: float = 1e-8,
-                   frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+def make_optimizer(
+    learning_rate,
+    *,
+    weight_decay: float = 5e-4,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    frozen: Sequence[str] = (),
+) -> optax.GradientTransformation:
   """Adam with *coupled* L2 weight decay, as `torch.optim.Adam(weight_decay=...)` does.
 
   The decay term `wd * theta` is added to the gradient before the Adam moments (not AdamW's
   decoupled decay). Parameters whose '/'-joined path matches a regex in `frozen` get no update.
   """
-  tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                   optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                   optax.scale_by_learning_rate(learning_rate))
+  tx = optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.scale_by_learning_rate(learning_rate),
+  )
   if not frozen:
     return tx
   patterns = [re.compile(p) for p in frozen]
@@ -106,7 +121,8 @@ def make_optimizer(learning_rate, *, weight_decay: float = 5e-4, b1: float = 0.9
   def label_fn(params):
     return jax.tree_util.tree_map_with_path(
         lambda path, _: 'frozen' if any(p.search(_path_str(path)) for p in patterns) else 'train',
-        params)
+        params,
+    )
 
   return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, label_fn)
 
@@ -115,9 +131,15 @@ def _path_str(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
-def warmup_multistep_schedule(base_lr: float, iters_per_epoch: int, *, warmup_epochs: int = 10,
-                              warmup_factor: float = 0.01, milestones: Sequence[int] = (40, 70),
-                              gamma: float = 0.1) -> Callable:
+def warmup_multistep_schedule(
+    base_lr: float,
+    iters_per_epoch: int,
+    *,
+    warmup_epochs: int = 10,
+    warmup_factor: float = 0.01,
+    milestones: Sequence[int] = (40, 70),
+    gamma: float = 0.1,
+) -> Callable:
   """The reference's WarmupMultiStepLR, stepped once per epoch (docs/reference.md section 3).
 
   factor(e) = warmup_factor * (1 - e / W) + e / W for e < W, then gamma ** (#milestones <= e).
@@ -138,8 +160,14 @@ def warmup_multistep_schedule(base_lr: float, iters_per_epoch: int, *, warmup_ep
 # State creation
 
 
-def create_train_state(spec: MethodSpec, students: Sequence[dict], tx: optax.GradientTransformation,
-                       rng: jax.Array, *, step: int = 0) -> TrainState:
+def create_train_state(
+    spec: MethodSpec,
+    students: Sequence[dict],
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    *,
+    step: int = 0,
+) -> TrainState:
   """Builds the state from per-network variables; every teacher starts as a copy of its student."""
   names = net_names(spec)
   if len(students) != len(names):
@@ -154,7 +182,8 @@ def create_train_state(spec: MethodSpec, students: Sequence[dict], tx: optax.Gra
       teacher_params=copy(params) if spec.ema else {},
       teacher_batch_stats=copy(batch_stats) if spec.ema else {},
       opt_state=tx.init(params),
-      rng=rng)
+      rng=rng,
+  )
 
 
 def ema_decay_at(step, decay: float):
@@ -169,9 +198,10 @@ def ema_decay_at(step, decay: float):
 @flax.struct.dataclass
 class EpochData:
   """Device-resident arrays an epoch reads; array arguments, so new labels never recompile."""
-  images: jax.Array         # (N, H, W, 3) uint8
-  labels: jax.Array         # (N,) int32, -1 = excluded
-  class_mask: jax.Array     # (C,) bool, active classifier rows
+
+  images: jax.Array  # (N, H, W, 3) uint8
+  labels: jax.Array  # (N,) int32, -1 = excluded
+  class_mask: jax.Array  # (C,) bool, active classifier rows
   target_images: jax.Array  # (M, H, W, 3) uint8 for pre-training's BN pass, else (0, H, W, 3)
 
 
@@ -181,10 +211,18 @@ def _flatten_outputs(prefix: str, out) -> dict:
   raise TypeError(f'train-mode model output must be a dict, got {type(out)}')
 
 
-def make_train_step(model, spec: MethodSpec, terms, tx: optax.GradientTransformation, *,
-                    ema_decay: float = 0.999, erasing_prob: float = 0.5,
-                    target_bn_pass: bool = False, augment: bool = True,
-                    mesh: Mesh | None = None) -> Callable:
+def make_train_step(
+    model,
+    spec: MethodSpec,
+    terms,
+    tx: optax.GradientTransformation,
+    *,
+    ema_decay: float = 0.999,
+    erasing_prob: float = 0.5,
+    target_bn_pass: bool = False,
+    augment: bool = True,
+    mesh: Mesh | None = None,
+) -> Callable:
   """Returns `step(state, data, batch_idx, target_idx) -> (state, metrics)` (pure, unjitted).
 
   `augment=False` feeds the normalised images unchanged (every view identical); for tests and
@@ -197,8 +235,9 @@ def make_train_step(model, spec: MethodSpec, terms, tx: optax.GradientTransforma
     return jax.lax.with_sharding_constraint(x, batch_spec) if batch_spec is not None else x
 
   def forward(variables, x, key):
-    out, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],
-                               rngs={'dropout': key})
+    out, updates = model.apply(
+        variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': key}
+    )
     return out, updates['batch_stats']
 
   def step(state: TrainState, data: EpochData, batch_idx, target_idx):
@@ -206,8 +245,10 @@ def make_train_step(model, spec: MethodSpec, terms, tx: optax.GradientTransforma
     images = constrain(data.images[batch_idx])
     labels = data.labels[batch_idx]
     if augment:
-      views = [constrain(input_pipeline.augment(k, images, erasing_prob=erasing_prob))
-               for k in jax.random.split(aug_key, spec.num_views)]
+      views = [
+          constrain(input_pipeline.augment(k, images, erasing_prob=erasing_prob))
+          for k in jax.random.split(aug_key, spec.num_views)
+      ]
     else:
       views = [constrain(input_pipeline.normalize(images))] * spec.num_views
     drop_keys = jax.random.split(drop_key, 2 * len(names))
@@ -216,17 +257,22 @@ def make_train_step(model, spec: MethodSpec, terms, tx: optax.GradientTransforma
     teacher_stats = {}
     if spec.ema:
       for i, name in enumerate(names):
-        out, teacher_stats[name] = forward(state.variables(name, teacher=True),
-                                           views[spec.teacher_views[i]], drop_keys[len(names) + i])
+        out, teacher_stats[name] = forward(
+            state.variables(name, teacher=True),
+            views[spec.teacher_views[i]],
+            drop_keys[len(names) + i],
+        )
         outputs.update(_flatten_outputs(f'teacher{i + 1}', jax.lax.stop_gradient(out)))
 
     def loss_fn(params):
       outs = dict(outputs)
       new_stats = {}
       for i, name in enumerate(names):
-        out, new_stats[name] = forward({'params': params[name],
-                                        'batch_stats': state.batch_stats[name]},
-                                       views[spec.student_views[i]], drop_keys[i])
+        out, new_stats[name] = forward(
+            {'params': params[name], 'batch_stats': state.batch_stats[name]},
+            views[spec.student_views[i]],
+            drop_keys[i],
+        )
         outs.update(_flatten_outputs(f'student{i + 1}', out))
       loss, metrics = objectives.compute_objective(terms, outs)
       return loss, (metrics, new_stats)
@@ -239,27 +285,37 @@ def make_train_step(model, spec: MethodSpec, terms, tx: optax.GradientTransforma
       t_images = constrain(data.target_images[target_idx])
       t_view = input_pipeline.augment(target_key, t_images, erasing_prob=erasing_prob)
       for name in names:
-        _, new_stats[name] = forward({'params': state.params[name],
-                                      'batch_stats': new_stats[name]}, t_view, target_key)
+        _, new_stats[name] = forward(
+            {'params': state.params[name], 'batch_stats': new_stats[name]}, t_view, target_key
+        )
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     teacher_params = state.teacher_params
     if spec.ema:
       alpha = ema_decay_at(state.step, ema_decay)
-      teacher_params = jax.tree.map(lambda t, s: alpha * t + (1.0 - alpha) * s,
-                                    state.teacher_params, params)
+      teacher_params = jax.tree.map(
+          lambda t, s: alpha * t + (1.0 - alpha) * s, state.teacher_params, params
+      )
     metrics = dict(metrics)
     metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     # 1.0 when every parameter and running statistic is finite: a finite loss can still come with
     # a NaN gradient (lr far too high) that poisons the parameters; checked per chunk by the
     # driver, which then stops before anything is checkpointed.
-    metrics['finite'] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
-        (params, new_stats, teacher_params))])).astype(jnp.float32)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              teacher_params=teacher_params,
-                              teacher_batch_stats={**state.teacher_batch_stats, **teacher_stats},
-                              opt_state=opt_state, rng=rng)
+    metrics['finite'] = jnp.all(
+        jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, new_stats, teacher_params))]
+        )
+    ).astype(jnp.float32)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=new_stats,
+        teacher_params=teacher_params,
+        teacher_batch_stats={**state.teacher_batch_stats, **teacher_stats},
+        opt_state=opt_state,
+        rng=rng,
+    )
     return new_state, metrics
 
   return step
@@ -283,16 +339,23 @@ def make_train_chunk(step_fn: Callable, mesh: Mesh, *, use_scan: bool | None = N
     def chunk(state, data, batch_idx, target_idx):
       def body(s, idx):
         return step_fn(s, data, idx[0], idx[1])
+
       return jax.lax.scan(body, state, (batch_idx, target_idx))
 
-    return jax.jit(chunk, donate_argnums=(0,),
-                   in_shardings=(replicated, replicated, idx_sharding, idx_sharding),
-                   out_shardings=(replicated, replicated))
+    return jax.jit(
+        chunk,
+        donate_argnums=(0,),
+        in_shardings=(replicated, replicated, idx_sharding, idx_sharding),
+        out_shardings=(replicated, replicated),
+    )
 
   idx_sharding = NamedSharding(mesh, P('data'))
-  step = jax.jit(step_fn, donate_argnums=(0,),
-                 in_shardings=(replicated, replicated, idx_sharding, idx_sharding),
-                 out_shardings=(replicated, replicated))
+  step = jax.jit(
+      step_fn,
+      donate_argnums=(0,),
+      in_shardings=(replicated, replicated, idx_sharding, idx_sharding),
+      out_shardings=(replicated, replicated),
+  )
 
   def loop(state, data, batch_idx, target_idx):
     per_step = []

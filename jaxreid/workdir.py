@@ -9,8 +9,15 @@ import os
 
 # Keys a rerun may change with `--allow_safe_changes`: they extend or re-report a run without
 # changing what its finished epochs computed.
-SAFE_CHANGES = ('train.epochs', 'train.eval_every', 'train.log_every', 'train.coupling',
-                'pretrain.eval_every', 'data.eval_batch_size', 'eval.rerank')
+SAFE_CHANGES = (
+    'train.epochs',
+    'train.eval_every',
+    'train.log_every',
+    'train.coupling',
+    'pretrain.eval_every',
+    'data.eval_batch_size',
+    'eval.rerank',
+)
 
 
 class WorkdirError(RuntimeError):
@@ -31,8 +38,11 @@ def _flatten(tree, prefix=''):
 def config_changes(old: dict, new: dict) -> list[str]:
   """'key: old -> new' for every field that differs (JSON-level comparison)."""
   a, b = _flatten(old), _flatten(new)
-  return [f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
-          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return [
+      f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
+      for k in sorted(set(a) | set(b))
+      if a.get(k) != b.get(k)
+  ]
 
 
 def read_config(path: str) -> dict:
@@ -40,8 +50,10 @@ def read_config(path: str) -> dict:
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise WorkdirError(f'{path} is unreadable ({e}); it describes this work dir\'s run: '
-                       'restore it, or start again with a new --workdir') from None
+    raise WorkdirError(
+        f"{path} is unreadable ({e}); it describes this work dir's run: "
+        'restore it, or start again with a new --workdir'
+    ) from None
 
 
 def remember_config(config, workdir: str, *, allow_safe_changes: bool = False) -> None:
@@ -58,11 +70,16 @@ def remember_config(config, workdir: str, *, allow_safe_changes: bool = False) -
     unsafe = [c for c, k in zip(changes, keys) if k not in SAFE_CHANGES]
     listing = '\n  '.join(changes)
     if unsafe or not allow_safe_changes:
-      how = ('use a new --workdir for a different experiment' if unsafe else
-             'these keys only extend or re-report the run: rerun with --allow_safe_changes, or '
-             'use a new --workdir')
-      raise WorkdirError(f'{workdir} holds a run with another config; changed:\n  {listing}\n'
-                         f'Nothing was changed in the work dir. To proceed: {how}.')
+      how = (
+          'use a new --workdir for a different experiment'
+          if unsafe
+          else 'these keys only extend or re-report the run: rerun with --allow_safe_changes, or '
+          'use a new --workdir'
+      )
+      raise WorkdirError(
+          f'{workdir} holds a run with another config; changed:\n  {listing}\n'
+          f'Nothing was changed in the work dir. To proceed: {how}.'
+      )
     with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
       f.write(json.dumps({'changes': changes}) + '\n')
   tmp = f'{path}.tmp'
@@ -86,8 +103,10 @@ class Lock:
       except FileExistsError:
         pid = self._owner()
         if pid is not None and _alive(pid):
-          raise WorkdirError(f'{os.path.dirname(self.path)} is in use by another jaxreid process '
-                             f'(pid {pid}); wait for it to finish or use another --workdir')
+          raise WorkdirError(
+              f'{os.path.dirname(self.path)} is in use by another jaxreid process '
+              f'(pid {pid}); wait for it to finish or use another --workdir'
+          )
         os.remove(self.path)  # stale: its process is gone
         continue
       with os.fdopen(fd, 'w') as f:

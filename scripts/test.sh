@@ -8,4 +8,8 @@ python3 -m venv .venv
 # torch is optional (PyTorch weight-conversion tests); the CPU build is preferred.
 .venv/bin/python -m pip install -q "torch==2.13.0" 2>/dev/null \
   || echo "note: torch not installed; PyTorch conversion tests will be skipped"
+# One code style (pyink + ruff, configured in pyproject.toml); `pyink jaxreid configs tests
+# experiments && ruff check --fix ...` applies it.
+.venv/bin/pyink --check --quiet jaxreid configs tests experiments
+.venv/bin/ruff check --quiet jaxreid configs tests experiments
 .venv/bin/python -m pytest -q "$@"

@@ -6,23 +6,29 @@ torchvision's exact state-dict layouts; torch is optional (skipped without it)."
 
 import glob
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from jaxreid import convert, export, input_pipeline, layers, models
+from jaxreid import convert
+from jaxreid import export
+from jaxreid import input_pipeline
+from jaxreid import layers
+from jaxreid import models
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 WEIGHTS = SHARED / 'weights'
 MARKET_QUERY = SHARED / 'data' / 'market1501' / 'query'
-needs_shared = pytest.mark.skipif(not (WEIGHTS / 'osnet_x0_25_msmt17.pth').is_file()
-                                  or not MARKET_QUERY.is_dir(), reason='no ../shared')
+needs_shared = pytest.mark.skipif(
+    not (WEIGHTS / 'osnet_x0_25_msmt17.pth').is_file() or not MARKET_QUERY.is_dir(),
+    reason='no ../shared',
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,10 +42,15 @@ def test_shifted_depthwise_equals_grouped_convolution_and_its_gradients(stride):
   k = jax.random.normal(kk, (3, 3, 1, 5))
 
   def ref(x, k):  # the textbook definition: a grouped convolution, groups = channels
-    return jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)),
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                        feature_group_count=5,
-                                        precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.conv_general_dilated(
+        x,
+        k,
+        (stride, stride),
+        ((1, 1), (1, 1)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=5,
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
   def shifted(x, k):
     return layers.depthwise_conv(x, k, stride, 1, impl='shifted')
@@ -73,6 +84,7 @@ def _images(n=6):
 
 def _torch_features(net, images):
   import torch
+
   x = np.asarray(input_pipeline.normalize(images))
   with torch.no_grad():
     out = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
@@ -86,6 +98,7 @@ def _jax_features(model, variables, images):
 def _randomise_bn_statistics(net, seed=0):
   """Non-trivial running statistics, so that a mixed-up mean / var would show."""
   import torch
+
   g = torch.Generator().manual_seed(seed)
   for m in net.modules():
     if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
@@ -101,6 +114,7 @@ def _randomise_bn_statistics(net, seed=0):
 def test_osnet_from_the_real_msmt17_checkpoint_matches_pytorch_on_real_images(arch):
   torch = pytest.importorskip('torch')
   import torch_reference as tr
+
   path = WEIGHTS / 'osnet_x0_25_msmt17.pth'
   net = tr.osnet_x0_25(num_classes=1041)
   net.load_state_dict(torch.load(path, weights_only=True), strict=True)
@@ -115,20 +129,24 @@ def test_osnet_from_the_real_msmt17_checkpoint_matches_pytorch_on_real_images(ar
     # last stage, and only the extra block is new
     feats = feats[:, :512] / np.linalg.norm(feats[:, :512], axis=1, keepdims=True)
     p = variables['params']
-    np.testing.assert_array_equal(p['max_branch']['conv5']['conv']['kernel'],
-                                  p['avg_branch']['conv5']['conv']['kernel'])
+    np.testing.assert_array_equal(
+        p['max_branch']['conv5']['conv']['kernel'], p['avg_branch']['conv5']['conv']['kernel']
+    )
     assert {k.split('/')[2] for k in report['fresh'] if 'max_branch' in k} == {'extra'}
   np.testing.assert_allclose(feats, ref, atol=1e-4)
   # the checkpoint's classifier fills the first 1041 rows
   np.testing.assert_allclose(
       variables['params']['classifier' if arch == 'resnet' else 'avg_classifier']['kernel'],
-      net.classifier.weight.detach().numpy().T, atol=0)
+      net.classifier.weight.detach().numpy().T,
+      atol=0,
+  )
 
 
 @needs_shared
 def test_mobilenetv2_imagenet_features_match_pytorch_on_real_images():
   torch = pytest.importorskip('torch')
   import torch_reference as tr
+
   path = WEIGHTS / 'mobilenetv2_imagenet_features.pt'
   net = tr.mobilenet_v2()
   tr.load_legacy_features(net, torch.load(path, weights_only=True))
@@ -146,14 +164,16 @@ def test_mobilenetv2_imagenet_features_match_pytorch_on_real_images():
 def test_osnet_widths_convert_from_pytorch_state_dicts(variant):
   torch = pytest.importorskip('torch')
   import torch_reference as tr
+
   torch.manual_seed(0)
   net = _randomise_bn_statistics(getattr(tr, variant)(num_classes=7)).eval()
   sd = {k: v.numpy() for k, v in net.state_dict().items()}
   model = models.create_model(backbone=variant, num_classes=7)
   variables = convert.convert_state_dict(sd, model)
   images = np.random.default_rng(0).integers(0, 255, (2, 64, 32, 3), dtype=np.uint8)
-  np.testing.assert_allclose(_jax_features(model, variables, images),
-                             _torch_features(net, images), atol=1e-4)
+  np.testing.assert_allclose(
+      _jax_features(model, variables, images), _torch_features(net, images), atol=1e-4
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +196,7 @@ def _trained_looking(model, seed=0):
 def test_export_osnet_round_trip_into_the_torchreid_network(tmp_path):
   torch = pytest.importorskip('torch')
   import torch_reference as tr
+
   model = models.create_model(backbone='osnet_x0_25', num_classes=5)
   variables = _trained_looking(model)
   sd, notes = export.torch_state_dict(model, variables, 'torchreid')
@@ -183,8 +204,9 @@ def test_export_osnet_round_trip_into_the_torchreid_network(tmp_path):
   net = tr.osnet_x0_25(num_classes=5)
   net.load_state_dict(torch.load(tmp_path / 'm.pth', weights_only=True), strict=True)
   images = np.random.default_rng(1).integers(0, 255, (3, 64, 32, 3), dtype=np.uint8)
-  np.testing.assert_allclose(_torch_features(net.eval(), images),
-                             _jax_features(model, variables, images), atol=1e-4)
+  np.testing.assert_allclose(
+      _torch_features(net.eval(), images), _jax_features(model, variables, images), atol=1e-4
+  )
   assert 'num_classes=5' in notes[0]
   # and back again: the exported file converts to the same variables
   again = convert.convert_checkpoint(str(tmp_path / 'm.pth'), model)
@@ -195,6 +217,7 @@ def test_export_osnet_round_trip_into_the_torchreid_network(tmp_path):
 def test_export_mobilenetv2_folds_the_neck_and_keeps_last_stride_1(tmp_path):
   torch = pytest.importorskip('torch')
   import torch_reference as tr
+
   model = models.create_model(backbone='mobilenetv2', last_stride=1, num_classes=5)
   variables = _trained_looking(model)
   sd, notes = export.torch_state_dict(model, variables, 'torchvision')
@@ -204,8 +227,9 @@ def test_export_mobilenetv2_folds_the_neck_and_keeps_last_stride_1(tmp_path):
   assert any('stride = (1, 1)' in n for n in notes)
   tr.set_last_stride_1(net)
   images = np.random.default_rng(2).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
-  np.testing.assert_allclose(_torch_features(net.eval(), images),
-                             _jax_features(model, variables, images), atol=1e-4)
+  np.testing.assert_allclose(
+      _torch_features(net.eval(), images), _jax_features(model, variables, images), atol=1e-4
+  )
 
 
 def test_export_refuses_what_has_no_pytorch_twin():
@@ -241,7 +265,7 @@ def test_wrong_osnet_width_or_backbone_names_the_one_to_use():
   path = str(WEIGHTS / 'osnet_x0_25_msmt17.pth')
   with pytest.raises(convert.ConversionError, match="use backbone 'osnet_x0_25'"):
     convert.load_weights(path, models.create_model(backbone='osnet_x0_5'), key='config.init.x')
-  with pytest.raises(convert.ConversionError, match=r"config.init.x=.*needs backbone"):
+  with pytest.raises(convert.ConversionError, match=r'config.init.x=.*needs backbone'):
     convert.load_weights(path, models.create_model(depth=18), key='config.init.x')
 
 
@@ -260,9 +284,18 @@ def test_load_weights_refuses_garbage_and_malicious_files_in_one_line(tmp_path):
 
 
 def test_export_command_line_errors_are_one_line(tmp_path):
-  r = subprocess.run([sys.executable, '-m', 'jaxreid.export', f'--model={tmp_path}',
-                      '--format=torchreid', f'--out={tmp_path / "x.pth"}'],
-                     capture_output=True, text=True)
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'jaxreid.export',
+          f'--model={tmp_path}',
+          '--format=torchreid',
+          f'--out={tmp_path / "x.pth"}',
+      ],
+      capture_output=True,
+      text=True,
+  )
   assert r.returncode == 2
   assert r.stderr.strip().startswith('error:') and 'Traceback' not in r.stderr
   assert not (tmp_path / 'x.pth').exists()
@@ -279,12 +312,15 @@ def world_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('method', ['mmt', 'abmt'])
 def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
-    method, world_cache, tmp_path):
+    method, world_cache, tmp_path
+):
   torch = pytest.importorskip('torch')
   import torch_reference as tr
+
   from configs import abmt as abmt_config
   from configs import mmt as mmt_config
   from jaxreid import run
+
   torch.manual_seed(0)
   net = _randomise_bn_statistics(tr.osnet_x0_25(num_classes=9))
   torch.save(net.state_dict(), tmp_path / 'osnet.pth')
@@ -299,13 +335,16 @@ def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
   summary = run.train_and_evaluate(c, str(workdir))
   assert not list(workdir.glob('pretrain_seed*'))  # no source pre-training happened
   # The direct-transfer row is the PyTorch network's own features, evaluated.
-  model = models.create_model(arch='abmt' if method == 'abmt' else 'resnet',
-                              backbone='osnet_x0_25', num_classes=9)
+  model = models.create_model(
+      arch='abmt' if method == 'abmt' else 'resnet', backbone='osnet_x0_25', num_classes=9
+  )
   variables = convert.convert_checkpoint(str(tmp_path / 'osnet.pth'), model)
   target = run.load_and_decode('synthetic_b', None, 64, 32, synthetic=c.data.synthetic.to_dict())
   from jaxreid import features
-  expected = run.evaluate_variables(features.make_embed_fn(model), [variables], target,
-                                    batch_size=64, branches=method == 'abmt')
+
+  expected = run.evaluate_variables(
+      features.make_embed_fn(model), [variables], target, batch_size=64, branches=method == 'abmt'
+  )
   assert summary['source only']['mAP'] == pytest.approx(expected['mAP'], abs=1e-6)
   assert np.isfinite(summary[f'{method} (adapted)']['mAP'])
   assert (workdir / 'model.msgpack').is_file()
@@ -315,6 +354,7 @@ def test_real_task_presets_start_from_the_published_weights():
   from configs import abmt as abmt_config
   from configs import default
   from configs import mmt as mmt_config
+
   c = mmt_config.get_config('msmt2market')
   assert c.model.backbone == 'osnet_x0_25' and c.init.skip_pretrain
   assert c.init.pretrained.endswith('osnet_x0_25_msmt17.pth')

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxreid import convert, models
+from jaxreid import convert
+from jaxreid import models
 
 torch = pytest.importorskip('torch')
 nn = torch.nn
@@ -40,6 +41,7 @@ _jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_le
 
 
 class TIBN(nn.Module):
+
   def __init__(self, planes):
     super().__init__()
     self.half = planes // 2
@@ -115,7 +117,8 @@ class TResNet(nn.Module):
     if stride != 1 or self.inplanes != planes * block.expansion:
       downsample = nn.Sequential(
           nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-          nn.BatchNorm2d(planes * block.expansion))
+          nn.BatchNorm2d(planes * block.expansion),
+      )
     layers = [block(self.inplanes, planes, stride, downsample, ibn)]
     self.inplanes = planes * block.expansion
     layers += [block(self.inplanes, planes, ibn=ibn) for _ in range(1, blocks)]
@@ -264,8 +267,12 @@ def test_ibn_release_resnet50_full_width_legacy_format(tmp_path):
   stem ReLU; full-width IBN-ResNet-50-a. IN behaves the same in train and eval mode, and the BN
   half is the BatchNorm checked in train mode elsewhere, so eval parity covers it."""
   ref = randomize(TResNet(50, ibn=True, stem_relu=True), 1).eval()
-  ckpt = {'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()},
-          'epoch': 100, 'arch': 'resnet50_ibn_a', 'best_prec1': 77.5}
+  ckpt = {
+      'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()},
+      'epoch': 100,
+      'arch': 'resnet50_ibn_a',
+      'best_prec1': 77.5,
+  }
   path = save(ckpt, tmp_path / 'resnet50_ibn_a.pth.tar', legacy=True)
   assert not zipfile.is_zipfile(path)
   model = models.ReIDNet(depth=50, ibn=True, num_classes=4)
@@ -281,8 +288,11 @@ def test_ibn_release_resnet50_full_width_legacy_format(tmp_path):
 
 def test_mmt_checkpoint_parity_and_narrow_classifier(tmp_path):
   ref = randomize(TMMT(TResNet(18, width=8), num_classes=5), 2).eval()
-  ckpt = {'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()},
-          'epoch': 3, 'best_mAP': np.float64(0.625)}  # numpy scalar, as MMT saves it
+  ckpt = {
+      'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()},
+      'epoch': 3,
+      'best_mAP': np.float64(0.625),
+  }  # numpy scalar, as MMT saves it
   path = save(ckpt, tmp_path / 'model_best.pth.tar')
   loaded = convert.load_torch_checkpoint(path)
   assert loaded['epoch'] == 3 and loaded['best_mAP'] == 0.625
@@ -312,8 +322,10 @@ def test_abmt_checkpoint_parity(tmp_path):
   """ABMT (ResNet-18 width 8 for speed; the bottleneck mapping is checked on IBN-50 above, the key layout does not depend on depth): eval parity of the 2D feature, train
   parity of all four outputs and every BN statistic, every head tensor in place."""
   ref = randomize(TABMT(TResNet(18, width=8), num_classes=6), 3).eval()
-  path = save({'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()},
-               'epoch': 40}, tmp_path / 'abmt.pth.tar')
+  path = save(
+      {'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()}, 'epoch': 40},
+      tmp_path / 'abmt.pth.tar',
+  )
   model = models.ABMTNet(depth=18, width=8, num_classes=6)
   v = convert.convert_checkpoint(path, model, fmt='abmt')
   x = inputs(3)
@@ -325,14 +337,19 @@ def test_abmt_checkpoint_parity(tmp_path):
     np.testing.assert_array_equal(p[name]['kernel'], lin.weight.detach().numpy().T)
   np.testing.assert_array_equal(v['batch_stats']['max_neck']['var'], ref.feat_bn_max.running_var)
   extra_conv2 = ref.max_branch[1].conv2.weight.detach().numpy()
-  np.testing.assert_array_equal(p['max_branch']['extra']['conv2']['kernel'],
-                                extra_conv2.transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      p['max_branch']['extra']['conv2']['kernel'], extra_conv2.transpose(2, 3, 1, 0)
+  )
   ref.train()
   with torch.no_grad():
     fa, fm, za, zm = (t.numpy() for t in ref(nchw(x)))
   out, new_stats = jax_train(model, v, x)
-  for key, want in (('avg/features', fa), ('max/features', fm), ('avg/logits', za),
-                    ('max/logits', zm)):
+  for key, want in (
+      ('avg/features', fa),
+      ('max/features', fm),
+      ('avg/logits', za),
+      ('max/logits', zm),
+  ):
     np.testing.assert_allclose(out[key], want, rtol=TRAIN_TOL, atol=TRAIN_TOL, err_msg=key)
   expected_stats = convert.convert_state_dict(tensors(ref.state_dict()), model)['batch_stats']
   assert_tree_close(jax.tree_util.tree_map(np.asarray, new_stats), expected_stats, TRAIN_TOL)
@@ -347,14 +364,25 @@ def test_imagenet_backbone_into_abmt_copies_layer4(tmp_path):
   report = {}
   v = convert.convert_state_dict(sd, model, seed=1, report=report)
   p = v['params']
-  np.testing.assert_array_equal(p['avg_branch']['layer4_1']['conv2']['kernel'],
-                                p['max_branch']['layer4_1']['conv2']['kernel'])
-  np.testing.assert_array_equal(p['avg_branch']['layer4_0']['conv1']['kernel'],
-                                sd['layer4.0.conv1.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      p['avg_branch']['layer4_1']['conv2']['kernel'], p['max_branch']['layer4_1']['conv2']['kernel']
+  )
+  np.testing.assert_array_equal(
+      p['avg_branch']['layer4_0']['conv1']['kernel'],
+      sd['layer4.0.conv1.weight'].transpose(2, 3, 1, 0),
+  )
   fresh_tops = {'/'.join(k.split('/')[1:3]) for k in report['fresh']}
-  assert fresh_tops == {'max_branch/extra', 'avg_neck/scale', 'max_neck/scale',
-                        'avg_classifier/kernel', 'max_classifier/kernel', 'avg_neck/mean',
-                        'avg_neck/var', 'max_neck/mean', 'max_neck/var'}
+  assert fresh_tops == {
+      'max_branch/extra',
+      'avg_neck/scale',
+      'max_neck/scale',
+      'avg_classifier/kernel',
+      'max_classifier/kernel',
+      'avg_neck/mean',
+      'avg_neck/var',
+      'max_neck/mean',
+      'max_neck/var',
+  }
   assert abs(float(p['max_branch']['extra']['bn1']['scale'].std()) - 0.02) < 0.02
 
 
@@ -388,6 +416,7 @@ def test_key_mismatch_message(tmp_path):
 
 
 class _Evil:
+
   def __init__(self, marker):
     self.marker = marker
 
@@ -408,8 +437,9 @@ def test_malicious_pickles_are_refused(tmp_path):
   legacy = tmp_path / 'evil_legacy.pth'
   legacy.write_bytes(payload)  # legacy layout: the payload is the first pickle in the file
   for path in (_zip_checkpoint(tmp_path / 'evil.pth', payload), legacy):
-    with pytest.raises(convert.UnsafeCheckpointError,
-                       match=r'refusing to load global (posix|os)\.system'):
+    with pytest.raises(
+        convert.UnsafeCheckpointError, match=r'refusing to load global (posix|os)\.system'
+    ):
       convert.load_torch_checkpoint(path)
     assert not marker.exists()
   # a pickled nn.Module (torch.save(model)) is refused too, naming the class
@@ -426,6 +456,7 @@ def test_malicious_pickles_are_refused(tmp_path):
 
 
 class _EvalReduce:
+
   def __reduce__(self):
     return (eval, ('1 + 1',))
 
@@ -433,9 +464,17 @@ class _EvalReduce:
 @pytest.mark.parametrize('legacy', [False, True])
 def test_storage_dtypes_views_and_parameters(tmp_path, legacy):
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-  obj = {'t': base.t(), 'view': base[1:3, 2:5], 'half': base.half(), 'bf16': base.bfloat16(),
-         'long': torch.arange(5), 'p': nn.Parameter(torch.ones(3)), 'empty': torch.zeros(0, 3),
-         'scalar': torch.tensor(2.5), 'nested': [1, (2.0, 'x')]}
+  obj = {
+      't': base.t(),
+      'view': base[1:3, 2:5],
+      'half': base.half(),
+      'bf16': base.bfloat16(),
+      'long': torch.arange(5),
+      'p': nn.Parameter(torch.ones(3)),
+      'empty': torch.zeros(0, 3),
+      'scalar': torch.tensor(2.5),
+      'nested': [1, (2.0, 'x')],
+  }
   loaded = convert.load_torch_checkpoint(save(obj, tmp_path / 'x.pth', legacy=legacy))
   for k in ('t', 'view', 'half', 'long', 'p', 'empty', 'scalar'):
     np.testing.assert_array_equal(loaded[k], obj[k].detach().numpy(), err_msg=k)
@@ -446,22 +485,42 @@ def test_storage_dtypes_views_and_parameters(tmp_path, legacy):
 
 def test_loader_works_without_torch(tmp_path):
   path = save({'state_dict': {'module.w': torch.ones(2, 3)}}, tmp_path / 'w.pth')
-  code = ('import sys; sys.modules["torch"] = None\n'
-          'from jaxreid import convert\n'
-          f'sd = convert.extract_state_dict(convert.load_torch_checkpoint({str(path)!r}))\n'
-          'assert list(sd) == ["w"] and sd["w"].shape == (2, 3) and sd["w"].sum() == 6\n'
-          'assert "jax" not in sys.modules\n')
+  code = (
+      'import sys; sys.modules["torch"] = None\n'
+      'from jaxreid import convert\n'
+      f'sd = convert.extract_state_dict(convert.load_torch_checkpoint({str(path)!r}))\n'
+      'assert list(sd) == ["w"] and sd["w"].shape == (2, 3) and sd["w"].sum() == 6\n'
+      'assert "jax" not in sys.modules\n'
+  )
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   subprocess.run([sys.executable, '-c', code], check=True, env=env)
 
 
 def test_cli_roundtrip(tmp_path):
   ref = randomize(TResNet(18, width=4), 7)
-  path = save({'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()}},
-              tmp_path / 'r18.pth.tar')
+  path = save(
+      {'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()}},
+      tmp_path / 'r18.pth.tar',
+  )
   out = tmp_path / 'r18.msgpack'
-  rc = convert.main(['--input', path, '--output', str(out), '--arch', 'resnet', '--depth', '18',
-                     '--width', '4', '--num-classes', '7', '--format', 'torchvision'])
+  rc = convert.main(
+      [
+          '--input',
+          path,
+          '--output',
+          str(out),
+          '--arch',
+          'resnet',
+          '--depth',
+          '18',
+          '--width',
+          '4',
+          '--num-classes',
+          '7',
+          '--format',
+          'torchvision',
+      ]
+  )
   assert rc == 0
   model = models.ReIDNet(depth=18, width=4, num_classes=7)
   loaded = convert.load_converted(str(out), model)
@@ -469,8 +528,7 @@ def test_cli_roundtrip(tmp_path):
   assert open(out, 'rb').read(1) != b'\x80'  # msgpack, not a pickle
   with pytest.raises(convert.ConversionError, match='mis-shaped'):
     convert.load_converted(str(out), models.ReIDNet(depth=18, width=8, num_classes=7))
-  assert convert.main(['--input', path, '--output', str(out), '--depth', '34', '--width',
-                       '4']) == 1
+  assert convert.main(['--input', path, '--output', str(out), '--depth', '34', '--width', '4']) == 1
 
 
 def test_legacy_file_declaring_huge_storage_is_refused_without_allocating(tmp_path):
@@ -479,8 +537,8 @@ def test_legacy_file_declaring_huge_storage_is_refused_without_allocating(tmp_pa
   path = save({'w': torch.from_numpy(values.copy())}, tmp_path / 'x.pth', legacy=True)
   data = bytearray(open(path, 'rb').read())
   at = bytes(data).rindex(values.tobytes())
-  assert np.frombuffer(bytes(data[at - 8:at]), '<i8')[0] == 7  # the storage's declared size
-  data[at - 8:at] = np.array([2 ** 60], '<i8').tobytes()
+  assert np.frombuffer(bytes(data[at - 8 : at]), '<i8')[0] == 7  # the storage's declared size
+  data[at - 8 : at] = np.array([2**60], '<i8').tobytes()
   open(path, 'wb').write(bytes(data))
   with pytest.raises(pickle.UnpicklingError, match='more than the file holds'):
     convert.load_torch_checkpoint(str(path))

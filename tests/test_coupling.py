@@ -25,17 +25,29 @@ def test_mean_feature_distance_hand_computed():
 def test_identical_networks_have_zero_coupling_distance():
   rng = np.random.default_rng(0)
   f = _unit(rng.normal(size=(50, 8)).astype(np.float32))
-  out = features.coupling({'teacher/net1': f, 'teacher/net2': f.copy(),
-                           'student/net1': f.copy(), 'student/net2': f.copy()}, two_branch=False)
-  assert out == {'coupling/teachers': 0.0, 'coupling/students': 0.0,
-                 'coupling/teacher_student': 0.0}
+  out = features.coupling(
+      {
+          'teacher/net1': f,
+          'teacher/net2': f.copy(),
+          'student/net1': f.copy(),
+          'student/net2': f.copy(),
+      },
+      two_branch=False,
+  )
+  assert out == {
+      'coupling/teachers': 0.0,
+      'coupling/students': 0.0,
+      'coupling/teacher_student': 0.0,
+  }
 
 
 def test_mmt_coupling_pairs_the_right_networks():
   rng = np.random.default_rng(1)
   t1, t2, s1, s2 = (_unit(rng.normal(size=(40, 6))) for _ in range(4))
-  out = features.coupling({'teacher/net1': t1, 'teacher/net2': t2, 'student/net1': s1,
-                           'student/net2': s2}, two_branch=False)
+  out = features.coupling(
+      {'teacher/net1': t1, 'teacher/net2': t2, 'student/net1': s1, 'student/net2': s2},
+      two_branch=False,
+  )
   slow = lambda a, b: np.mean([np.sqrt(np.sum((x - y) ** 2)) for x, y in zip(a, b)])
   assert out['coupling/teachers'] == pytest.approx(slow(t1, t2))
   assert out['coupling/students'] == pytest.approx(slow(s1, s2))
@@ -47,8 +59,9 @@ def test_abmt_coupling_compares_the_two_branches_of_each_network():
   # branch is normalised, whatever the halves' norms.
   same = np.concatenate([np.eye(4), 3.0 * np.eye(4)], axis=1)
   orthogonal = np.concatenate([np.eye(4), 2.0 * np.roll(np.eye(4), 1, axis=1)], axis=1)
-  out = features.coupling({'teacher/net1': _unit(same), 'student/net1': _unit(orthogonal)},
-                          two_branch=True)
+  out = features.coupling(
+      {'teacher/net1': _unit(same), 'student/net1': _unit(orthogonal)}, two_branch=True
+  )
   assert out['coupling/teachers'] == pytest.approx(0.0, abs=1e-12)
   assert out['coupling/students'] == pytest.approx(np.sqrt(2))
   assert out['coupling/teacher_student'] > 0.0
@@ -66,8 +79,10 @@ def test_average_features_plain_for_kmeans_renormalised_for_dbscan():
   a = np.array([[1.0, 0.0]], np.float32)
   b = np.array([[0.0, 1.0]], np.float32)
   # The reference's K-means script: (f1 + f2) / 2; its DBSCAN script re-normalises.
-  np.testing.assert_allclose(features.average_features([a, b], renormalize=False), [[0.5, 0.5]],
-                             rtol=1e-6)
-  np.testing.assert_allclose(features.average_features([a, b], renormalize=True),
-                             [[2 ** -0.5, 2 ** -0.5]], rtol=1e-6)
+  np.testing.assert_allclose(
+      features.average_features([a, b], renormalize=False), [[0.5, 0.5]], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+      features.average_features([a, b], renormalize=True), [[2**-0.5, 2**-0.5]], rtol=1e-6
+  )
   assert features.average_features([a], renormalize=True) is a

@@ -13,8 +13,8 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from jaxreid import convert
 from jaxreid import evaluate
@@ -32,7 +32,7 @@ MODEL = dict(arch='resnet', depth=18, width=4)
 def _person(rng, pid, h=40, w=20):
   c = np.random.default_rng(pid).integers(0, 256, (3, 3))
   im = np.empty((h, w, 3), float)
-  im[:h // 3], im[h // 3:2 * h // 3], im[2 * h // 3:] = c
+  im[: h // 3], im[h // 3 : 2 * h // 3], im[2 * h // 3 :] = c
   return np.clip(im + rng.normal(0, 20, im.shape), 0, 255).astype(np.uint8)
 
 
@@ -46,14 +46,16 @@ def _write_market(root, rng, *, with_train=True):
     Image.fromarray(_person(rng, pid)).save(root / 'query' / f'{pid:04d}_c1s1_{pid:06d}_00.jpg')
     for cam in (1, 2, 3):
       Image.fromarray(_person(rng, pid, 48, 24)).save(
-          root / 'bounding_box_test' / f'{pid:04d}_c{cam}s1_{100 * pid + cam:06d}_00.png')
+          root / 'bounding_box_test' / f'{pid:04d}_c{cam}s1_{100 * pid + cam:06d}_00.png'
+      )
   Image.fromarray(_person(rng, 99)).save(root / 'bounding_box_test' / '0000_c2s1_000999_00.jpg')
   (root / 'bounding_box_test' / '-1_c1s1_000001_00.jpg').write_bytes(b'junk, never decoded')
   if with_train:
     for pid in range(10, 13):
       for cam in (1, 2):
         Image.fromarray(_person(rng, pid)).save(
-            root / 'bounding_box_train' / f'{pid:04d}_c{cam}s1_{pid:06d}_00.jpg')
+            root / 'bounding_box_train' / f'{pid:04d}_c{cam}s1_{pid:06d}_00.jpg'
+        )
 
 
 @pytest.fixture(scope='module')
@@ -66,8 +68,15 @@ def world(tmp_path_factory):
   run.mkdir()
   model = models.create_model(dict(MODEL, num_classes=6))
   convert.save_converted(str(run / 'model.msgpack'), models.init_variables(model, 5))
-  (run / 'config.json').write_text(json.dumps(
-      {'method': 'mmt', 'model': dict(MODEL, dtype='float32'), 'data': {'height': H, 'width': W}}))
+  (run / 'config.json').write_text(
+      json.dumps(
+          {
+              'method': 'mmt',
+              'model': dict(MODEL, dtype='float32'),
+              'data': {'height': H, 'width': W},
+          }
+      )
+  )
   return dict(root=root, market=str(market), run=str(run), model=model)
 
 
@@ -82,17 +91,22 @@ def parse_table(out: str) -> dict:
 
 def independent_features(world, paths, model=None, weights=None):
   model = model or world['model']
-  variables = convert.load_converted(weights or os.path.join(world['run'], 'model.msgpack'),
-                                     model)
+  variables = convert.load_converted(weights or os.path.join(world['run'], 'model.msgpack'), model)
   images = input_pipeline.decode_images(paths, H, W)
   return features_lib.extract_features(features_lib.make_embed_fn(model), [variables], images)
 
 
 def test_printed_metrics_equal_an_independent_recomputation(world, tmp_path, capsys):
   exp = tmp_path / 'features'
-  rc = evaluate.main([f'--model={world["run"]}', '--data=market1501',
-                      f'--data_root={world["market"]}', f'--export_features={exp}',
-                      '--batch_size=8'])
+  rc = evaluate.main(
+      [
+          f'--model={world["run"]}',
+          '--data=market1501',
+          f'--data_root={world["market"]}',
+          f'--export_features={exp}',
+          '--batch_size=8',
+      ]
+  )
   captured = capsys.readouterr()
   assert rc == 0, captured.err
   table = parse_table(captured.out)
@@ -104,14 +118,16 @@ def test_printed_metrics_equal_an_independent_recomputation(world, tmp_path, cap
   assert len(ds.gallery) == 13  # 12 + the distractor; the junk image is not read
   qf = independent_features(world, ds.query.paths)
   gf = independent_features(world, ds.gallery.paths)
-  want = retrieval.evaluate(qf, gf, ds.query.pids, ds.gallery.pids, ds.query.camids,
-                            ds.gallery.camids)
+  want = retrieval.evaluate(
+      qf, gf, ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids
+  )
   assert float(table['mAP']) == pytest.approx(want['mAP'], abs=0.006)
   assert float(table['rank-1']) == pytest.approx(want['top1'], abs=0.006)
   assert float(table['rank-5']) == pytest.approx(want['top5'], abs=0.006)
   # the protocol matters: counting same-camera matches too would give another mAP here
-  naive = retrieval.evaluate(qf, gf, ds.query.pids, ds.gallery.pids, ds.query.camids,
-                             ds.gallery.camids + 10)
+  naive = retrieval.evaluate(
+      qf, gf, ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids + 10
+  )
   assert naive['mAP'] != pytest.approx(want['mAP'], abs=0.01)
 
   # exported features, ids and results
@@ -129,18 +145,19 @@ def test_printed_metrics_equal_an_independent_recomputation(world, tmp_path, cap
 def test_rerank_and_test_splits_only(world, tmp_path, capsys):
   # A folder with only query/ and bounding_box_test/ is enough for evaluation.
   only_test = tmp_path / 'only_test'
-  shutil.copytree(world['market'], only_test,
-                  ignore=shutil.ignore_patterns('bounding_box_train'))
-  rc = evaluate.main([f'--model={world["run"]}', '--data=market1501',
-                      f'--data_root={only_test}', '--rerank'])
+  shutil.copytree(world['market'], only_test, ignore=shutil.ignore_patterns('bounding_box_train'))
+  rc = evaluate.main(
+      [f'--model={world["run"]}', '--data=market1501', f'--data_root={only_test}', '--rerank']
+  )
   out = capsys.readouterr().out
   assert rc == 0
   assert 'test splits only' in out and '(re-ranked)' in out
   query, gallery, _ = evaluate.load_test_splits('market1501', str(only_test))
   qf = independent_features(world, query.paths)
   gf = independent_features(world, gallery.paths)
-  want = retrieval.evaluate(qf, gf, query.pids, gallery.pids, query.camids, gallery.camids,
-                            rerank=True)
+  want = retrieval.evaluate(
+      qf, gf, query.pids, gallery.pids, query.camids, gallery.camids, rerank=True
+  )
   assert float(parse_table(out)['mAP']) == pytest.approx(want['mAP'], abs=0.006)
 
 
@@ -168,18 +185,22 @@ def test_wrong_architecture_fails_naming_the_mismatch_and_the_fix(world, tmp_pat
   lone = tmp_path / 'lone'
   lone.mkdir()
   shutil.copy(bad / 'model.msgpack', lone / 'abmt.msgpack')
-  assert evaluate.main([f'--model={lone / "abmt.msgpack"}', '--height=32', '--img_width=16']
-                       + args) == 0
+  assert (
+      evaluate.main([f'--model={lone / "abmt.msgpack"}', '--height=32', '--img_width=16'] + args)
+      == 0
+  )
   assert "from the weights' shapes" in capsys.readouterr().out
 
 
 def test_guess_architecture():
-  for kw in (dict(arch='resnet', backbone='resnet', depth=18, width=4, ibn=False),
-             dict(arch='resnet', backbone='resnet', depth=50, width=4, ibn=True),
-             dict(arch='abmt', backbone='resnet', depth=34, width=4, ibn=False),
-             dict(arch='resnet', backbone='osnet_x0_5'),
-             dict(arch='abmt', backbone='osnet_x0_25'),
-             dict(arch='resnet', backbone='mobilenetv2')):
+  for kw in (
+      dict(arch='resnet', backbone='resnet', depth=18, width=4, ibn=False),
+      dict(arch='resnet', backbone='resnet', depth=50, width=4, ibn=True),
+      dict(arch='abmt', backbone='resnet', depth=34, width=4, ibn=False),
+      dict(arch='resnet', backbone='osnet_x0_5'),
+      dict(arch='abmt', backbone='osnet_x0_25'),
+      dict(arch='resnet', backbone='mobilenetv2'),
+  ):
     v = models.abstract_variables(models.create_model(dict(kw, num_classes=3)), 64, 64)
     assert inference.guess_architecture(v) == kw
   assert inference.guess_architecture({'params': {'foo': {}}}) is None
@@ -188,33 +209,47 @@ def test_guess_architecture():
 def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
   empty = tmp_path / 'empty'
   empty.mkdir()
-  assert evaluate.main([f'--model={world["run"]}', '--data=market1501',
-                        f'--data_root={empty}']) == 2
+  assert (
+      evaluate.main([f'--model={world["run"]}', '--data=market1501', f'--data_root={empty}']) == 2
+  )
   err = capsys.readouterr().err
   assert str(empty) in err and 'query' in err and 'bounding_box_test' in err
 
   no_queries = tmp_path / 'no_queries'
   (no_queries / 'query').mkdir(parents=True)
-  shutil.copytree(os.path.join(world['market'], 'bounding_box_test'),
-                  no_queries / 'bounding_box_test')
-  assert evaluate.main([f'--model={world["run"]}', '--data=market1501',
-                        f'--data_root={no_queries}']) == 2
+  shutil.copytree(
+      os.path.join(world['market'], 'bounding_box_test'), no_queries / 'bounding_box_test'
+  )
+  assert (
+      evaluate.main([f'--model={world["run"]}', '--data=market1501', f'--data_root={no_queries}'])
+      == 2
+  )
   assert 'no images' in capsys.readouterr().err
 
-  assert evaluate.main([f'--model={tmp_path / "missing"}', '--data=market1501',
-                        f'--data_root={world["market"]}']) == 2
+  assert (
+      evaluate.main(
+          [f'--model={tmp_path / "missing"}', '--data=market1501', f'--data_root={world["market"]}']
+      )
+      == 2
+  )
   assert 'does not exist' in capsys.readouterr().err
 
   torch_file = tmp_path / 'model_best.pth.tar'
   torch_file.write_bytes(b'PK')
-  assert evaluate.main([f'--model={torch_file}', '--data=market1501',
-                        f'--data_root={world["market"]}']) == 2
+  assert (
+      evaluate.main(
+          [f'--model={torch_file}', '--data=market1501', f'--data_root={world["market"]}']
+      )
+      == 2
+  )
   assert 'python -m jaxreid.convert' in capsys.readouterr().err
 
   garbage = tmp_path / 'garbage.msgpack'
   garbage.write_bytes(b'\x00\x01 not msgpack')
-  assert evaluate.main([f'--model={garbage}', '--data=market1501',
-                        f'--data_root={world["market"]}']) == 2
+  assert (
+      evaluate.main([f'--model={garbage}', '--data=market1501', f'--data_root={world["market"]}'])
+      == 2
+  )
   assert 'cannot read weights' in capsys.readouterr().err
 
   assert evaluate.main([f'--model={world["run"]}', '--data=no_such_set']) == 2
@@ -231,8 +266,9 @@ def test_model_found_from_pretraining_folder(world, tmp_path):
   assert loaded.config_path == str(run / 'config.json')
   assert (loaded.height, loaded.width, loaded.feature_dim) == (H, W, 32)
   assert loaded.model.num_classes == 6  # read off the checkpoint's classifier
-  overridden = inference.load_model(str(run / 'pretrain_seed1' / 'model.msgpack'),
-                                    {'height': 64, 'img_width': 32, 'depth': None})
+  overridden = inference.load_model(
+      str(run / 'pretrain_seed1' / 'model.msgpack'), {'height': 64, 'img_width': 32, 'depth': None}
+  )
   assert (overridden.height, overridden.width) == (64, 32)
   with pytest.raises(inference.InferenceError, match='found below it: pretrain_seed1/model'):
     inference.load_model(str(run))

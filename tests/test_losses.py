@@ -18,6 +18,7 @@ JL = types.SimpleNamespace(**{n: jax.jit(getattr(L, n)) for n in L.__all__ if n 
 # ----------------------------------------------------------------------------------------------
 # Slow numpy references, written from docs/reference.md section 2 with explicit loops (float64).
 
+
 def np_log_softmax(v):
   v = np.asarray(v, np.float64)
   m = np.max(v)
@@ -109,6 +110,7 @@ def np_soft_entropy(z, t, mask):
 # ----------------------------------------------------------------------------------------------
 # Inputs.
 
+
 def pk_labels(p=4, k=4):
   return np.repeat(np.arange(p), k).astype(np.int32)
 
@@ -131,6 +133,7 @@ TOL = dict(rtol=2e-5, atol=2e-6)
 
 # ----------------------------------------------------------------------------------------------
 # Values.
+
 
 def test_pairwise_distance_matches_formula():
   x, y = feats(0, 10, 6, 3.0), feats(1, 7, 6)
@@ -190,14 +193,22 @@ def test_batch_hard_mining_valid_mask():
 
 
 TRIPLET_FNS = {
-    'softmax_triplet': (lambda x, xt, y: JL.softmax_triplet(x, y),
-                        lambda x, xt, y: np_softmax_triplet(x, y)),
-    'soft_softmax_triplet': (lambda x, xt, y: JL.soft_softmax_triplet(x, xt, y),
-                             np_soft_softmax_triplet),
-    'margin_triplet': (lambda x, xt, y: JL.margin_triplet(x, y, margin=0.3),
-                       lambda x, xt, y: np_margin_triplet(x, y, 0.3)),
-    'triplet_precision': (lambda x, xt, y: JL.triplet_precision(x, y),
-                          lambda x, xt, y: np_precision(x, y)),
+    'softmax_triplet': (
+        lambda x, xt, y: JL.softmax_triplet(x, y),
+        lambda x, xt, y: np_softmax_triplet(x, y),
+    ),
+    'soft_softmax_triplet': (
+        lambda x, xt, y: JL.soft_softmax_triplet(x, xt, y),
+        np_soft_softmax_triplet,
+    ),
+    'margin_triplet': (
+        lambda x, xt, y: JL.margin_triplet(x, y, margin=0.3),
+        lambda x, xt, y: np_margin_triplet(x, y, 0.3),
+    ),
+    'triplet_precision': (
+        lambda x, xt, y: JL.triplet_precision(x, y),
+        lambda x, xt, y: np_precision(x, y),
+    ),
 }
 
 
@@ -220,17 +231,21 @@ def test_noise_is_the_same_as_removing_the_samples():
   keep = labels >= 0
   x, xt = feats(8), feats(9)
   for name, (fn, _) in TRIPLET_FNS.items():
-    np.testing.assert_allclose(fn(x, xt, labels), fn(x[keep], xt[keep], labels[keep]),
-                               rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+        fn(x, xt, labels), fn(x[keep], xt[keep], labels[keep]), rtol=1e-6, err_msg=name
+    )
   z = feats(10, 16, 12)
   mask = np.ones(12, bool)
-  np.testing.assert_allclose(JL.cross_entropy_label_smooth(z, labels, mask),
-                             JL.cross_entropy_label_smooth(z[keep], labels[keep], mask), rtol=1e-6)
+  np.testing.assert_allclose(
+      JL.cross_entropy_label_smooth(z, labels, mask),
+      JL.cross_entropy_label_smooth(z[keep], labels[keep], mask),
+      rtol=1e-6,
+  )
 
 
 def test_softmax_triplet_closed_form():
   # Two identities on a line: anchor 0 at 0, positive 1 at 1, negatives at 3 and 5.
-  x = np.array([[0.], [1.], [3.], [5.]], np.float32)
+  x = np.array([[0.0], [1.0], [3.0], [5.0]], np.float32)
   y = np.array([0, 0, 1, 1])
   # anchors: 0: ap=1, an=3 -> softplus(1-3); 1: ap=1, an=2 -> softplus(1-2);
   #          2: ap=2, an=2 -> softplus(0); 3: ap=2, an=4 -> softplus(2-4)
@@ -239,20 +254,25 @@ def test_softmax_triplet_closed_form():
   assert float(JL.softmax_triplet(x, y)) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize('labels', [pk_labels(), LABEL_CASES['noise'],
-                                    np.array([0, 1, 2, -1, 4, 4, 1, 3], np.int32)],
-                         ids=['pk', 'noise', 'small'])
+@pytest.mark.parametrize(
+    'labels',
+    [pk_labels(), LABEL_CASES['noise'], np.array([0, 1, 2, -1, 4, 4, 1, 3], np.int32)],
+    ids=['pk', 'noise', 'small'],
+)
 def test_cross_entropy_label_smooth_matches_reference(labels):
   n = len(labels)
   rng = np.random.default_rng(11)
   mask = np.zeros(10, bool)
   mask[:7] = True
-  mask[2] = False   # a hole in the active set; move the labels of class 2 to an active class
+  mask[2] = False  # a hole in the active set; move the labels of class 2 to an active class
   labels = np.where(labels == 2, 3, labels)
   z = (rng.normal(size=(n, 10)) * 3).astype(np.float32)
   for eps in (0.1, 0.0, 0.5):
-    np.testing.assert_allclose(JL.cross_entropy_label_smooth(z, labels, mask, epsilon=eps),
-                               np_ce_ls(z, labels, mask, eps), **TOL)
+    np.testing.assert_allclose(
+        JL.cross_entropy_label_smooth(z, labels, mask, epsilon=eps),
+        np_ce_ls(z, labels, mask, eps),
+        **TOL,
+    )
 
 
 def test_cross_entropy_inactive_classes_do_not_matter():
@@ -279,11 +299,13 @@ def test_cross_entropy_inactive_classes_do_not_matter():
   # same for the soft entropy, in both the student and the teacher logits
   t = rng.normal(size=(16, 12)).astype(np.float32)
   ref = float(JL.soft_entropy(z, t, mask))
-  assert ref == pytest.approx(float(JL.soft_entropy(z[:, :5], t[:, :5], np.ones(5, bool))),
-                              rel=1e-6)
+  assert ref == pytest.approx(
+      float(JL.soft_entropy(z[:, :5], t[:, :5], np.ones(5, bool))), rel=1e-6
+  )
   for zz in (z2, z3, z4):
     assert float(JL.soft_entropy(zz, zz[::-1], mask)) == pytest.approx(
-        float(JL.soft_entropy(z, z[::-1], mask)), rel=1e-6)
+        float(JL.soft_entropy(z, z[::-1], mask)), rel=1e-6
+    )
     g = np.asarray(jax.grad(JL.soft_entropy)(zz, t, mask))
     assert np.all(np.isfinite(g)) and np.all(g[:, 5:] == 0)
 
@@ -296,8 +318,9 @@ def test_cross_entropy_edge_cases():
   mask2 = mask.copy()
   mask2[5] = False
   y = np.array([0, 5, 1, 2], np.int32)
-  np.testing.assert_allclose(JL.cross_entropy_label_smooth(z, y, mask2),
-                             np_ce_ls(z[[0, 2, 3]], y[[0, 2, 3]], mask2), **TOL)
+  np.testing.assert_allclose(
+      JL.cross_entropy_label_smooth(z, y, mask2), np_ce_ls(z[[0, 2, 3]], y[[0, 2, 3]], mask2), **TOL
+  )
   # no active class at all: 0, finite gradient
   none = np.zeros(6, bool)
   assert float(JL.cross_entropy_label_smooth(z, y, none)) == 0.0
@@ -318,6 +341,7 @@ def test_soft_entropy_matches_reference():
 
 # ----------------------------------------------------------------------------------------------
 # Gradients.
+
 
 def numeric_grad(f, x, eps=1e-6):
   x = np.array(x, np.float64)
@@ -342,7 +366,7 @@ GRAD_CASES = {
 @pytest.mark.parametrize('name', sorted(GRAD_CASES))
 def test_gradients_match_finite_differences_float64(name):
   fn, kind = GRAD_CASES[name]
-  labels = np.array([0, 0, 1, 1, 1, 2, -1, 3], np.int32)   # lone identity 2, noise, lone 3
+  labels = np.array([0, 0, 1, 1, 1, 2, -1, 3], np.int32)  # lone identity 2, noise, lone 3
   mask = np.array([1, 1, 1, 0, 1, 1], bool)
   labels_ce = np.array([0, 0, 1, 1, 4, 2, -1, 5], np.int32)
   rng = np.random.default_rng(15)
@@ -365,7 +389,8 @@ def test_gradients_match_finite_differences_float64(name):
       # positive or negative of some anchor gets a gradient
       m = L.batch_hard_mining(JL.pairwise_distance(a), y)
       used = set(np.asarray(m.an_idx)[np.asarray(m.an_idx) >= 0]) | set(
-          np.asarray(m.ap_idx)[np.asarray(m.an_idx) >= 0])
+          np.asarray(m.ap_idx)[np.asarray(m.an_idx) >= 0]
+      )
       for j in used:
         assert np.any(np.asarray(g_a)[j] != 0), j
       np.testing.assert_array_equal(np.asarray(g_a)[6], 0.0)  # noise sample: no gradient
@@ -375,8 +400,7 @@ def test_gradients_float32_central_differences():
   labels = pk_labels(3, 3)
   x = feats(16, 9, 4)
   g = jax.grad(JL.softmax_triplet)(x, labels)
-  num = numeric_grad(lambda v: JL.softmax_triplet(jnp.asarray(v, jnp.float32), labels), x,
-                     eps=1e-2)
+  num = numeric_grad(lambda v: JL.softmax_triplet(jnp.asarray(v, jnp.float32), labels), x, eps=1e-2)
   np.testing.assert_allclose(g, num, rtol=2e-2, atol=2e-3)
 
 
@@ -390,16 +414,19 @@ def test_stop_gradient_into_teachers():
   np.testing.assert_array_equal(g, 0.0)
   # and the teacher really matters for the value
   assert float(JL.soft_softmax_triplet(x, xt, labels)) != float(
-      JL.soft_softmax_triplet(x, x, labels))
+      JL.soft_softmax_triplet(x, x, labels)
+  )
 
 
 @pytest.mark.parametrize('case', ['all_same', 'all_noise', 'lone_identity'])
 def test_degenerate_batches_have_finite_gradients(case):
   labels = LABEL_CASES[case]
   x, xt = feats(21), feats(22)
-  for fn in (lambda v: JL.softmax_triplet(v, labels),
-             lambda v: JL.soft_softmax_triplet(v, xt, labels),
-             lambda v: JL.margin_triplet(v, labels)):
+  for fn in (
+      lambda v: JL.softmax_triplet(v, labels),
+      lambda v: JL.soft_softmax_triplet(v, xt, labels),
+      lambda v: JL.margin_triplet(v, labels),
+  ):
     g = np.asarray(jax.jit(jax.grad(fn))(x))
     assert np.all(np.isfinite(g))
     if case != 'lone_identity':
@@ -470,5 +497,4 @@ def test_bfloat16_inputs(name):
   # computed in float32 internally: equal to the float32 result on the bf16-rounded values
   np.testing.assert_allclose(out, fn(*rounded, y, m), rtol=1e-6, atol=1e-7)
   g = jax.grad(lambda *a: fn(*a, y, m), argnums=(0, 2))(*bf)
-  assert all(x.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(x, np.float32)))
-             for x in g)
+  assert all(x.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(x, np.float32))) for x in g)

@@ -31,8 +31,7 @@ def _eval_fn(model, capture=False):
 
 @functools.lru_cache(maxsize=None)
 def _train_fn(model):
-  return _jit(lambda v, x, rngs: model.apply(v, x, train=True, mutable=['batch_stats'],
-                                                rngs=rngs))
+  return _jit(lambda v, x, rngs: model.apply(v, x, train=True, mutable=['batch_stats'], rngs=rngs))
 
 
 def _eval(model, v, x, capture=False):
@@ -84,8 +83,15 @@ def test_abmt_shapes_and_param_names():
   model = models.ABMTNet(depth=50, num_classes=100)
   v = models.abstract_variables(model, 256, 128)
   p = v['params']
-  assert set(p) == {'backbone', 'avg_branch', 'max_branch', 'avg_neck', 'max_neck',
-                    'avg_classifier', 'max_classifier'}
+  assert set(p) == {
+      'backbone',
+      'avg_branch',
+      'max_branch',
+      'avg_neck',
+      'max_neck',
+      'avg_classifier',
+      'max_classifier',
+  }
   assert not any(k.startswith('layer4') for k in p['backbone'])
   assert set(p['avg_branch']) == {'layer4_0', 'layer4_1', 'layer4_2'}
   assert set(p['max_branch']) == {'layer4_0', 'layer4_1', 'layer4_2', 'extra'}
@@ -96,17 +102,21 @@ def test_abmt_shapes_and_param_names():
   assert 'downsample_conv' not in extra  # identity shortcut
   x = jax.ShapeDtypeStruct((2, 256, 128, 3), jnp.float32)
   assert jax.eval_shape(lambda v, x: model.apply(v, x), v, x).shape == (2, 4096)
-  tr, _ = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']),
-                         v, x)
+  tr, _ = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']), v, x)
   assert {k: v.shape for k, v in tr.items()} == {
-      'avg/features': (2, 2048), 'avg/logits': (2, 100),
-      'max/features': (2, 2048), 'max/logits': (2, 100)}
+      'avg/features': (2, 2048),
+      'avg/logits': (2, 100),
+      'max/features': (2, 2048),
+      'max/logits': (2, 100),
+  }
   assert models.embedding_dim(model) == 4096
 
 
 def test_necks_have_no_bias():
-  for model in (models.ReIDNet(depth=18, width=8, num_classes=5),
-                models.ABMTNet(depth=18, width=8, num_classes=5)):
+  for model in (
+      models.ReIDNet(depth=18, width=8, num_classes=5),
+      models.ABMTNet(depth=18, width=8, num_classes=5),
+  ):
     p = models.abstract_variables(model, 64, 32)['params']
     for name in [k for k in p if k.endswith('neck')]:
       assert set(p[name]) == {'scale'}, name
@@ -118,8 +128,10 @@ def test_ibn_layout_and_stem_relu_default():
   bb = p['backbone']
   for s, planes in ((1, 16), (2, 32), (3, 64)):
     bn1 = _shapes(bb[f'layer{s}_0']['bn1'])
-    assert bn1 == {'IN': {'scale': (planes // 2,), 'bias': (planes // 2,)},
-                   'BN': {'scale': (planes - planes // 2,), 'bias': (planes - planes // 2,)}}
+    assert bn1 == {
+        'IN': {'scale': (planes // 2,), 'bias': (planes // 2,)},
+        'BN': {'scale': (planes - planes // 2,), 'bias': (planes - planes // 2,)},
+    }
   assert set(bb['layer4_0']['bn1']) == {'scale', 'bias'}
   # stem ReLU (only for IBN by default): with a negative BN bias the stem output is negative
   # without the ReLU and exactly 0 with it.
@@ -167,11 +179,17 @@ def test_train_gives_pre_bn_features_and_logits_from_post_bn(tiny):
   bn = (f - f.mean(0)) / jnp.sqrt(f.var(0) + 1e-5) * v['params']['neck']['scale']
   np.testing.assert_allclose(z, bn @ v['params']['classifier']['kernel'], atol=1e-5)
   # the neck's running statistics moved (momentum 0.1), with the unbiased variance
-  np.testing.assert_allclose(upd['batch_stats']['neck']['mean'],
-                             0.9 * v['batch_stats']['neck']['mean'] + 0.1 * f.mean(0), atol=1e-5)
-  np.testing.assert_allclose(upd['batch_stats']['neck']['var'],
-                             0.9 * v['batch_stats']['neck']['var'] + 0.1 * np.var(f, 0, ddof=1),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      upd['batch_stats']['neck']['mean'],
+      0.9 * v['batch_stats']['neck']['mean'] + 0.1 * f.mean(0),
+      atol=1e-5,
+  )
+  np.testing.assert_allclose(
+      upd['batch_stats']['neck']['var'],
+      0.9 * v['batch_stats']['neck']['var'] + 0.1 * np.var(f, 0, ddof=1),
+      rtol=1e-4,
+      atol=1e-6,
+  )
 
 
 def test_dropout_needs_rng_and_changes_logits():
@@ -200,12 +218,14 @@ def test_batchnorm_unbiased_running_var_and_float32_stats():
 
 class _StemLayer1(models.nn.Module):
   """Stem + layer1 (IBN) + a neck: every kind of norm layer, small enough to compile fast."""
+
   norm_group_size: int = 0
 
   @models.nn.compact
   def __call__(self, x, train=False):
-    t = models.ResNetTrunk(depth=50, width=4, ibn=True, stages=(0, 1),
-                           norm_group_size=self.norm_group_size)(x, train)
+    t = models.ResNetTrunk(
+        depth=50, width=4, ibn=True, stages=(0, 1), norm_group_size=self.norm_group_size
+    )(x, train)
     return models._neck('neck', train, self.norm_group_size)(t.mean(axis=(1, 2)))
 
 
@@ -216,19 +236,22 @@ def test_norm_group_size_equals_separate_groups():
   v['params']['ResNetTrunk_0']['bn1']['bias'] += 0.3  # keep some pre-neck features non-zero
   run = lambda m, x: _jit(lambda v, x: m.apply(v, x, True, mutable=['batch_stats']))(v, x)
   out_g, upd_g = run(grouped, x)
-  parts = [run(plain, x[i:i + 2]) for i in (0, 2)]
+  parts = [run(plain, x[i : i + 2]) for i in (0, 2)]
   np.testing.assert_allclose(out_g, jnp.concatenate([p[0] for p in parts]), rtol=1e-4, atol=1e-5)
   mean_stats = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                         upd_g, mean_stats)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), upd_g, mean_stats
+  )
   with pytest.raises(ValueError, match='multiple of norm_group_size'):
     _StemLayer1(norm_group_size=3).apply(v, x, True, mutable=['batch_stats'])
   # the flag reaches every BN of the full networks (checked on shapes only)
   m = models.ReIDNet(depth=18, width=4, norm_group_size=3, num_classes=2)
   with pytest.raises(ValueError, match='multiple of norm_group_size'):
-    jax.eval_shape(lambda v, x: m.apply(v, x, train=True, mutable=['batch_stats']),
-                   models.abstract_variables(m, 32, 16), jax.ShapeDtypeStruct((4, 32, 16, 3),
-                                                                              jnp.float32))
+    jax.eval_shape(
+        lambda v, x: m.apply(v, x, train=True, mutable=['batch_stats']),
+        models.abstract_variables(m, 32, 16),
+        jax.ShapeDtypeStruct((4, 32, 16, 3), jnp.float32),
+    )
 
 
 def test_bfloat16_compute_matches_float32():
@@ -239,11 +262,18 @@ def test_bfloat16_compute_matches_float32():
   v = models.init_variables(m32)
   rng = np.random.default_rng(0)  # running statistics of a plausible scale
   v['batch_stats'] = jax.tree_util.tree_map(
-      lambda a: (rng.uniform(0.5, 2.0, a.shape) * a.mean() + 0.1 * rng.normal(size=a.shape)
-                 if a.mean() > 0 else 0.1 * rng.normal(size=a.shape)).astype(np.float32),
-      v['batch_stats'])
-  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
-      lambda a: a.dtype == jnp.float32, models.abstract_variables(m16, 64, 32)))  # f32 params
+      lambda a: (
+          rng.uniform(0.5, 2.0, a.shape) * a.mean() + 0.1 * rng.normal(size=a.shape)
+          if a.mean() > 0
+          else 0.1 * rng.normal(size=a.shape)
+      ).astype(np.float32),
+      v['batch_stats'],
+  )
+  assert jax.tree_util.tree_all(
+      jax.tree_util.tree_map(
+          lambda a: a.dtype == jnp.float32, models.abstract_variables(m16, 64, 32)
+      )
+  )  # f32 params
   e32, e16 = _eval(m32, v, x), _eval(m16, v, x)
   assert e16.dtype == jnp.float32
   # unit vectors: bfloat16 (8-bit mantissa) through 16 conv layers; stated tolerance
@@ -260,11 +290,14 @@ def test_abmt_outputs_tiny():
   assert e.shape == (4, 64)
   np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
   # both halves are post-BN features of their own branch: not proportional
-  assert not np.allclose(e[:, :32] / np.linalg.norm(e[:, :32], axis=1, keepdims=True),
-                         e[:, 32:] / np.linalg.norm(e[:, 32:], axis=1, keepdims=True))
+  assert not np.allclose(
+      e[:, :32] / np.linalg.norm(e[:, :32], axis=1, keepdims=True),
+      e[:, 32:] / np.linalg.norm(e[:, 32:], axis=1, keepdims=True),
+  )
   sub = models.init_variables(model, paths=[('params', 'max_classifier', 'kernel')])
-  np.testing.assert_array_equal(sub['params']['max_classifier']['kernel'],
-                                v['params']['max_classifier']['kernel'])
+  np.testing.assert_array_equal(
+      sub['params']['max_classifier']['kernel'], v['params']['max_classifier']['kernel']
+  )
   # model.init's extra-block initialisers (init_variables draws other numbers from the same law)
   extra = models._extra_block(2048, jnp.float32, 0)
   assert extra.kernel_init is models.conv_init_fan_in
@@ -284,8 +317,9 @@ def test_set_classifier_rows_and_mask():
   cent = np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32)
   new = _jit(models.set_classifier_rows)(v['params'], cent)
   k = np.asarray(new['classifier']['kernel'])
-  np.testing.assert_allclose(k[:, :3].T, cent / np.linalg.norm(cent, axis=1, keepdims=True),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      k[:, :3].T, cent / np.linalg.norm(cent, axis=1, keepdims=True), rtol=1e-5, atol=1e-6
+  )
   assert np.all(k[:, 3:] == 0)
   np.testing.assert_array_equal(new['neck']['scale'], v['params']['neck']['scale'])
   # full variables dict in, same structure out
@@ -305,14 +339,16 @@ def test_set_classifier_rows_abmt_halves():
   new = models.set_classifier_rows(v['params'], cent)
   for name, part in (('avg_classifier', cent[:, :32]), ('max_classifier', cent[:, 32:])):
     k = np.asarray(new[name]['kernel'])
-    np.testing.assert_allclose(k[:, :4].T, part / np.linalg.norm(part, axis=1, keepdims=True),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        k[:, :4].T, part / np.linalg.norm(part, axis=1, keepdims=True), rtol=1e-5, atol=1e-6
+    )
     assert np.all(k[:, 4:] == 0)
 
 
 def test_create_model_and_errors():
-  cfg = ml_collections.ConfigDict(dict(arch='abmt', depth=50, width=16, ibn=True,
-                                       dtype='bfloat16', num_classes=10))
+  cfg = ml_collections.ConfigDict(
+      dict(arch='abmt', depth=50, width=16, ibn=True, dtype='bfloat16', num_classes=10)
+  )
   m = models.create_model(cfg)
   assert isinstance(m, models.ABMTNet) and m.dtype == jnp.bfloat16 and m.width == 16
   m = models.create_model(dict(depth=18), width=8)
@@ -331,12 +367,16 @@ def test_pooling_variants():
   flat = np.asarray(fmap).reshape(2, -1, 3)
   np.testing.assert_allclose(models.global_pool(fmap, 'avg'), flat.mean(1), rtol=1e-6)
   np.testing.assert_allclose(models.global_pool(fmap, 'max'), flat.max(1), rtol=1e-6)
-  np.testing.assert_allclose(models.global_pool(fmap, 'gem'), np.mean(flat ** 3, 1) ** (1 / 3),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      models.global_pool(fmap, 'gem'), np.mean(flat**3, 1) ** (1 / 3), rtol=1e-5
+  )
   for pooling in ('avg', 'max', 'gem'):
     model = models.ReIDNet(depth=18, width=4, num_classes=3, pooling=pooling)
-    out = jax.eval_shape(lambda v, x: model.apply(v, x), models.abstract_variables(model, 32, 16),
-                         jax.ShapeDtypeStruct((2, 32, 16, 3), jnp.float32))
+    out = jax.eval_shape(
+        lambda v, x: model.apply(v, x),
+        models.abstract_variables(model, 32, 16),
+        jax.ShapeDtypeStruct((2, 32, 16, 3), jnp.float32),
+    )
     assert out.shape == (2, 32)
 
 

@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from jaxreid import plots
 
@@ -31,27 +31,70 @@ def _write(path, records, tail=''):
 
 
 def mmt_records(epochs=4, *, quality=True, coupling=True, lr=True, offset=0.0):
-  recs = [{'stage': 'source_only', 'step': 0, 'time': 1.0, 'mAP': 13.9, 'top1': 12.7,
-           'top5': 23.0, 'top10': 33.3, 'num_valid_queries': 126, 'num_queries': 126}]
+  recs = [
+      {
+          'stage': 'source_only',
+          'step': 0,
+          'time': 1.0,
+          'mAP': 13.9,
+          'top1': 12.7,
+          'top5': 23.0,
+          'top10': 33.3,
+          'num_valid_queries': 126,
+          'num_queries': 126,
+      }
+  ]
   for e in range(1, epochs + 1):
-    r = {'stage': 'mmt', 'step': e, 'time': 1.0 + e, 'epoch': e, 'cluster/num_clusters': 70 + e,
-         'cluster/noise_fraction': 0.2 - 0.02 * e, 'grad_norm': 4.0 - 0.1 * e,
-         'loss/ce1': 3.0 - 0.2 * e, 'loss/ce2': 3.1 - 0.2 * e, 'loss/soft_ce1': 2.5,
-         'loss/tri1': 0.6, 'loss/soft_tri1': 0.7, 'loss/total': 9.5 - 0.3 * e,
-         'prec/tri1': 0.1 * e}
+    r = {
+        'stage': 'mmt',
+        'step': e,
+        'time': 1.0 + e,
+        'epoch': e,
+        'cluster/num_clusters': 70 + e,
+        'cluster/noise_fraction': 0.2 - 0.02 * e,
+        'grad_norm': 4.0 - 0.1 * e,
+        'loss/ce1': 3.0 - 0.2 * e,
+        'loss/ce2': 3.1 - 0.2 * e,
+        'loss/soft_ce1': 2.5,
+        'loss/tri1': 0.6,
+        'loss/soft_tri1': 0.7,
+        'loss/total': 9.5 - 0.3 * e,
+        'prec/tri1': 0.1 * e,
+    }
     if quality:
-      r.update({'cluster/purity': 0.4 + 0.01 * e, 'cluster/nmi': 0.7 + 0.01 * e,
-                'cluster/ari': 0.2 + 0.01 * e, 'cluster/pairwise_precision': 0.2,
-                'cluster/pairwise_recall': 0.45, 'cluster/pairwise_fscore': 0.27})
+      r.update(
+          {
+              'cluster/purity': 0.4 + 0.01 * e,
+              'cluster/nmi': 0.7 + 0.01 * e,
+              'cluster/ari': 0.2 + 0.01 * e,
+              'cluster/pairwise_precision': 0.2,
+              'cluster/pairwise_recall': 0.45,
+              'cluster/pairwise_fscore': 0.27,
+          }
+      )
     if coupling:
-      r.update({'coupling/teachers': 0.9 - 0.05 * e, 'coupling/students': 0.8 - 0.04 * e,
-                'coupling/teacher_student': 0.85 - 0.03 * e})
+      r.update(
+          {
+              'coupling/teachers': 0.9 - 0.05 * e,
+              'coupling/students': 0.8 - 0.04 * e,
+              'coupling/teacher_student': 0.85 - 0.03 * e,
+          }
+      )
     if lr:
       r['lr'] = 3.5e-4
     if e % 2 == 0:
-      r.update({'mAP': 19.0 + e + offset, 'top1': 23.0 + e + offset, 'top5': 35.0,
-                'top10': 42.0, 'net1/mAP': 19.0 + e + offset, 'net2/mAP': 18.0 + e,
-                'net1/top1': 23.0 + e + offset, 'net2/top1': 22.0 + e})
+      r.update(
+          {
+              'mAP': 19.0 + e + offset,
+              'top1': 23.0 + e + offset,
+              'top5': 35.0,
+              'top10': 42.0,
+              'net1/mAP': 19.0 + e + offset,
+              'net2/mAP': 18.0 + e,
+              'net1/top1': 23.0 + e + offset,
+              'net2/top1': 22.0 + e,
+          }
+      )
     recs.append(r)
   return recs
 
@@ -65,10 +108,20 @@ def mmt_run(tmp_path):
   resumed = dict(recs[2], time=100.0, **{'mAP': 99.0, 'net1/mAP': 99.0})  # after a resume
   _write(str(workdir / 'metrics.jsonl'), recs + [resumed], tail='{"stage": "mmt", "st')
   (workdir / 'config.json').write_text(json.dumps({'method': 'mmt'}))
-  pre = [{'stage': 'pretrain', 'step': e, 'time': e, 'epoch': e, 'lr': 1e-3 * e,
-          'loss/ce': 4.0 - 0.3 * e, 'loss/tri': 1.0 - 0.1 * e, 'loss/total': 5.0 - 0.4 * e,
-          **({'source_mAP': 40.0 + e, 'source_top1': 50.0 + e} if e % 2 == 0 else {})}
-         for e in range(1, 5)]
+  pre = [
+      {
+          'stage': 'pretrain',
+          'step': e,
+          'time': e,
+          'epoch': e,
+          'lr': 1e-3 * e,
+          'loss/ce': 4.0 - 0.3 * e,
+          'loss/tri': 1.0 - 0.1 * e,
+          'loss/total': 5.0 - 0.4 * e,
+          **({'source_mAP': 40.0 + e, 'source_top1': 50.0 + e} if e % 2 == 0 else {}),
+      }
+      for e in range(1, 5)
+  ]
   _write(str(workdir / 'pretrain_seed1' / 'metrics.jsonl'), pre)
   _write(str(workdir / 'pretrain_seed2' / 'metrics.jsonl'), pre)
   return str(workdir)
@@ -111,9 +164,17 @@ def test_missing_metrics_file_fails_clearly(tmp_path):
 def test_plot_run_writes_every_panel_with_data(mmt_run):
   written = plots.plot_run(mmt_run)
   names = [os.path.basename(p) for p in written]
-  assert names == ['overview.png', 'losses.png', 'accuracy.png', 'clusters.png',
-                   'pseudo_labels.png', 'coupling.png', 'lr.png', 'grad_norm.png',
-                   'pretrain.png']
+  assert names == [
+      'overview.png',
+      'losses.png',
+      'accuracy.png',
+      'clusters.png',
+      'pseudo_labels.png',
+      'coupling.png',
+      'lr.png',
+      'grad_norm.png',
+      'pretrain.png',
+  ]
   for p in written:
     assert os.path.dirname(p) == os.path.join(mmt_run, 'plots')
     w, h = _png_size(p)
@@ -126,11 +187,9 @@ def test_plot_run_writes_every_panel_with_data(mmt_run):
 
 def test_plot_run_skips_absent_panels(tmp_path):
   workdir = tmp_path / 'dbscan_no_gt'
-  _write(str(workdir / 'metrics.jsonl'),
-         mmt_records(3, quality=False, coupling=False, lr=False))
+  _write(str(workdir / 'metrics.jsonl'), mmt_records(3, quality=False, coupling=False, lr=False))
   names = {os.path.basename(p) for p in plots.plot_run(str(workdir))}
-  assert names == {'overview.png', 'losses.png', 'accuracy.png', 'clusters.png',
-                   'grad_norm.png'}
+  assert names == {'overview.png', 'losses.png', 'accuracy.png', 'clusters.png', 'grad_norm.png'}
 
 
 def test_plot_run_before_first_epoch_writes_nothing(tmp_path):
@@ -140,6 +199,7 @@ def test_plot_run_before_first_epoch_writes_nothing(tmp_path):
 
 def test_panels_draw_the_recorded_values(mmt_run):
   from matplotlib.figure import Figure
+
   stages = plots.load_metrics(mmt_run)
   recs, source_only = stages['mmt'], stages['source_only'][-1]
 
@@ -163,8 +223,14 @@ def test_panels_draw_the_recorded_values(mmt_run):
 
   ax = Figure().add_subplot()
   assert plots.panel_losses(ax, recs)
-  assert {l.get_label() for l in ax.get_lines()} == {'ce1', 'ce2', 'soft_ce1', 'tri1',
-                                                     'soft_tri1', 'total'}
+  assert {l.get_label() for l in ax.get_lines()} == {
+      'ce1',
+      'ce2',
+      'soft_ce1',
+      'tri1',
+      'soft_tri1',
+      'total',
+  }
   ax = Figure().add_subplot()
   assert not plots.panel_coupling(ax, [{'step': 1, 'loss/total': 1.0}])
 
@@ -175,11 +241,14 @@ def test_panels_draw_the_recorded_values(mmt_run):
 
 def test_plot_comparison(mmt_run, tmp_path):
   other = tmp_path / 'abmt_a_to_b'
-  recs = [dict(r, stage='abmt') if r['stage'] == 'mmt' else r
-          for r in mmt_records(6, coupling=False, offset=-5.0)]
+  recs = [
+      dict(r, stage='abmt') if r['stage'] == 'mmt' else r
+      for r in mmt_records(6, coupling=False, offset=-5.0)
+  ]
   _write(str(other / 'metrics.jsonl'), recs)
-  out = plots.plot_comparison([mmt_run, str(other)], str(tmp_path / 'cmp' / 'c.png'),
-                              labels=['MMT', 'ABMT'])
+  out = plots.plot_comparison(
+      [mmt_run, str(other)], str(tmp_path / 'cmp' / 'c.png'), labels=['MMT', 'ABMT']
+  )
   assert out == str(tmp_path / 'cmp' / 'c.png')
   w, h = _png_size(out)
   assert w > 600 and h > 400  # 2 x 2 panels
@@ -196,8 +265,20 @@ def test_cli_writes_run_plots_and_comparison(mmt_run, tmp_path):
   _write(str(other / 'metrics.jsonl'), mmt_records(2))
   out = tmp_path / 'compare.png'
   proc = subprocess.run(
-      [sys.executable, '-m', 'jaxreid.plots', mmt_run, str(other), f'--compare={out}',
-       '--labels=mmt,second'], capture_output=True, text=True, cwd=REPO, timeout=120)
+      [
+          sys.executable,
+          '-m',
+          'jaxreid.plots',
+          mmt_run,
+          str(other),
+          f'--compare={out}',
+          '--labels=mmt,second',
+      ],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   printed = proc.stdout.split()
   assert str(out) in printed
@@ -231,9 +312,15 @@ def test_retrieval_figure_layout_and_colours(tmp_path):
   ranked = np.array([[2, 0, 4], [1, 3, 2]])
   is_match = np.array([[True, False, True], [False, False, True]])
   out = str(tmp_path / 'r.png')
-  layout = plots.retrieval_figure(q, g, ranked, is_match, out,
-                                  distances=np.array([[0.1, 0.5, 0.9], [0.2, 0.3, 0.4]]),
-                                  query_titles=['a.jpg', 'b.jpg'])
+  layout = plots.retrieval_figure(
+      q,
+      g,
+      ranked,
+      is_match,
+      out,
+      distances=np.array([[0.1, 0.5, 0.9], [0.2, 0.3, 0.4]]),
+      query_titles=['a.jpg', 'b.jpg'],
+  )
   # Geometry documented in RetrievalLayout: 64x32 images x2, border 4, pad 4, gap 24, text 14.
   assert layout.scale == 2
   assert (layout.cell_height, layout.cell_width) == (136, 72)
@@ -246,8 +333,15 @@ def test_retrieval_figure_layout_and_colours(tmp_path):
 
   def border_pixels(row, col):
     t, l, b, r = layout.cell_box(row, col)
-    return [img[t, l], img[t, r - 1], img[b - 1, l], img[b - 1, r - 1], img[t + 3, l + 3],
-            img[(t + b) // 2, l], img[t, (l + r) // 2]]
+    return [
+        img[t, l],
+        img[t, r - 1],
+        img[b - 1, l],
+        img[b - 1, r - 1],
+        img[t + 3, l + 3],
+        img[(t + b) // 2, l],
+        img[t, (l + r) // 2],
+    ]
 
   for row in range(2):
     for px in border_pixels(row, 0):
@@ -260,11 +354,11 @@ def test_retrieval_figure_layout_and_colours(tmp_path):
       for px in border_pixels(row, j + 1):
         assert tuple(px) == want, (row, j)
       it, il, ib, ir = layout.image_box(row, j + 1)
-      inner = img[it + 2:ib, il + 2:ir]  # (0, 0) may hold the marked pixel
+      inner = img[it + 2 : ib, il + 2 : ir]  # (0, 0) may hold the marked pixel
       assert np.all(inner == g[ranked[row, j], 5, 5])
   # gallery image 2 is rank 1 of query 0: its marked pixel became a 2x2 block
   it, il, _, _ = layout.image_box(0, 1)
-  assert np.all(img[it:it + 2, il:il + 2] == (1, 2, 3))
+  assert np.all(img[it : it + 2, il : il + 2] == (1, 2, 3))
   assert tuple(img[it + 2, il + 2]) == tuple(g[2, 5, 5])
   # the gap between the query column and rank 1 is background
   assert np.all(img[10:130, 77:99] == plots.BACKGROUND)

@@ -49,8 +49,10 @@ def final_params(workdir):
   ckpt = checkpoint_lib.Checkpointer(workdir)
   step = ckpt.latest_step()
   import orbax.checkpoint as ocp
-  restored = ckpt._managers['latest'].restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+
+  restored = ckpt._managers['latest'].restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+  )
   ckpt.close()
   return restored['state']['teacher_params'], dict(restored['meta'])
 
@@ -83,14 +85,22 @@ def test_crash_then_resume_equals_uninterrupted_run(world_cache, tmp_path, monke
   resumed = run.train_and_evaluate(config, crashed)
   for key in ('mAP', 'top1', 'top5', 'top10'):
     assert resumed[f'{config.method} (adapted)'][key] == pytest.approx(
-        full[f'{config.method} (adapted)'][key], abs=1e-6)
+        full[f'{config.method} (adapted)'][key], abs=1e-6
+    )
   full_params, _ = final_params(str(tmp_path / 'full'))
   resumed_params, _ = final_params(crashed)
   for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(resumed_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   # What a user gets in the work dir.
-  for name in ('config.json', 'metrics.jsonl', 'results.json', 'model.msgpack',
-               'plots/overview.png', 'plots/coupling.png', 'plots/accuracy.png'):
+  for name in (
+      'config.json',
+      'metrics.jsonl',
+      'results.json',
+      'model.msgpack',
+      'plots/overview.png',
+      'plots/coupling.png',
+      'plots/accuracy.png',
+  ):
     assert os.path.exists(os.path.join(crashed, name)), name
   records = [json.loads(l) for l in open(os.path.join(str(tmp_path / 'full'), 'metrics.jsonl'))]
   adapt_records = [r for r in records if r['stage'] == 'mmt']
@@ -103,13 +113,12 @@ def test_crash_then_resume_equals_uninterrupted_run(world_cache, tmp_path, monke
   assert before['coupling/teacher_student'] == 0.0
   assert before['coupling/teachers'] > 0.0
   assert before['coupling/students'] == pytest.approx(before['coupling/teachers'])
-  assert all(r['coupling/teacher_student'] > 0.0 and r['coupling/teachers'] > 0.0
-             for r in epochs)
+  assert all(r['coupling/teacher_student'] > 0.0 and r['coupling/teachers'] > 0.0 for r in epochs)
   # The adapted model is exported in the weight format that evaluate / search read.
   from jaxreid import convert
+
   exported = convert.load_converted(os.path.join(crashed, 'model.msgpack'))
-  for a, b in zip(jax.tree.leaves(exported['params']),
-                  jax.tree.leaves(full_params['net1'])):
+  for a, b in zip(jax.tree.leaves(exported['params']), jax.tree.leaves(full_params['net1'])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   _check_exported_model_with_the_commands(crashed, full[f'{config.method} (adapted)'])
 
@@ -124,11 +133,15 @@ def test_select_best_on_test_exports_the_reported_network(world_cache, tmp_path)
   assert adapted['selection'] == 'best epoch on the target test set'
   ckpt = checkpoint_lib.Checkpointer(workdir)
   import orbax.checkpoint as ocp
-  restored = ckpt._managers['best'].restore(ckpt.latest_step('best'), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+
+  restored = ckpt._managers['best'].restore(
+      ckpt.latest_step('best'),
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+  )
   ckpt.close()
   assert restored['meta']['best']['model'] == adapted['model']
   from jaxreid import convert
+
   exported = convert.load_converted(os.path.join(workdir, 'model.msgpack'))
   want = restored['state']['teacher_params'][adapted['model']]
   for a, b in zip(jax.tree.leaves(exported['params']), jax.tree.leaves(want)):
@@ -141,14 +154,16 @@ def _check_exported_model_with_the_commands(workdir, run_results):
   from jaxreid import evaluate as evaluate_cli
   from jaxreid import inference
   from jaxreid import search as search_cli
+
   loaded = inference.load_model(workdir)
   config = json.load(open(os.path.join(workdir, 'config.json')))
   query, gallery, _ = evaluate_cli.load_test_splits('synthetic_b', None, config)
   results, _, _ = evaluate_cli.evaluate_model(loaded, query, gallery, batch_size=64)
   for key in ('mAP', 'top1', 'top5'):
     assert results[key] == pytest.approx(run_results[key], abs=1e-4), key
-  found = search_cli.search(loaded, os.path.dirname(query.paths[0]),
-                            os.path.dirname(gallery.paths[0]), topk=5)
+  found = search_cli.search(
+      loaded, os.path.dirname(query.paths[0]), os.path.dirname(gallery.paths[0]), topk=5
+  )
   assert found.ranked.shape == (len(query.paths), 5)
   assert np.all(np.diff(found.distances, axis=1) >= 0)
   # A query's best match by the search is its nearest gallery feature under the protocol's
@@ -160,8 +175,13 @@ def _check_exported_model_with_the_commands(workdir, run_results):
 
 
 def _main(*flags):
-  return subprocess.run([sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py', *flags],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+      [sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py', *flags],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
 
 
 def test_unknown_config_key_fails_before_work(tmp_path):
@@ -179,9 +199,17 @@ def test_invalid_config_value_names_the_key(tmp_path):
 
 
 def test_every_loss_weight_is_a_config_field():
-  from configs import abmt, cluster_baseline, mean_teacher, mmt
-  for module, method in ((mmt, 'mmt'), (abmt, 'abmt'), (mean_teacher, 'mean_teacher'),
-                         (cluster_baseline, 'cluster_baseline')):
+  from configs import abmt
+  from configs import cluster_baseline
+  from configs import mean_teacher
+  from configs import mmt
+
+  for module, method in (
+      (mmt, 'mmt'),
+      (abmt, 'abmt'),
+      (mean_teacher, 'mean_teacher'),
+      (cluster_baseline, 'cluster_baseline'),
+  ):
     config = module.get_config()
     assert set(objectives.weight_names(method)) <= set(config.loss.keys()), method
   config = abmt.get_config()
@@ -192,25 +220,40 @@ def test_every_loss_weight_is_a_config_field():
 
 def test_loss_weight_override_from_the_command_line(tmp_path):
   # The override parses (the field exists); the run then stops at validation of a bad method.
-  proc = subprocess.run([sys.executable, '-m', 'jaxreid.main', '--config=configs/abmt.py',
-                         '--config.loss.soft_tri=0.0', '--config.method=nope',
-                         f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'jaxreid.main',
+          '--config=configs/abmt.py',
+          '--config.loss.soft_tri=0.0',
+          '--config.method=nope',
+          f'--workdir={tmp_path}',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'config.method' in proc.stderr
 
 
 def test_teacher_views_override_and_its_validation():
-  from configs import abmt, cluster_baseline
+  from configs import abmt
+  from configs import cluster_baseline
+
   config = abmt.get_config()
   assert run.method_spec(config).teacher_views == (0,)  # the reference: the student's view
   config.train.teacher_views = (1,)
   run.validate_config(config)
   spec = run.method_spec(config)
   assert spec.teacher_views == (1,) and spec.student_views == (0,) and spec.num_views == 2
-  for module, views, message in ((mmt_config, (1,), 'one view index per teacher'),
-                                 (abmt, (7,), 'integers in 0..3'),
-                                 (cluster_baseline, (1,), 'no EMA teacher')):
+  for module, views, message in (
+      (mmt_config, (1,), 'one view index per teacher'),
+      (abmt, (7,), 'integers in 0..3'),
+      (cluster_baseline, (1,), 'no EMA teacher'),
+  ):
     config = module.get_config()
     config.train.teacher_views = views
     with pytest.raises(ValueError, match=r'config\.train\.teacher_views.*' + message):
@@ -223,6 +266,7 @@ def test_two_branch_evaluation_reports_each_branch():
   # but the *next* identity's for gallery images, so for every query the nearest gallery images
   # in the max half (distance 0) are of the previous identity, never the true one.
   import types
+
   num_ids = 4
   q_pids = np.arange(num_ids)
   g_pids = np.repeat(np.arange(num_ids), 2)
@@ -237,8 +281,9 @@ def test_two_branch_evaluation_reports_each_branch():
     return out
 
   dataset = types.SimpleNamespace(query=split(q_pids, 0), gallery=split(g_pids, 1))
-  target = run.DecodedSet(dataset=dataset, train=images(q_pids, 0), query=images(q_pids, 0),
-                          gallery=images(g_pids, 1))
+  target = run.DecodedSet(
+      dataset=dataset, train=images(q_pids, 0), query=images(q_pids, 0), gallery=images(g_pids, 1)
+  )
 
   def embed_fn(variables_list, batch):
     batch = np.asarray(batch)
@@ -258,17 +303,22 @@ def test_two_branch_evaluation_reports_each_branch():
 
 def test_deterministic_flag_adds_the_xla_flags_keeping_the_users():
   from jaxreid import main
+
   assert main.deterministic_xla_flags('') == (
-      '--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0')
+      '--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0'
+  )
   # A user's own value of one of them wins; unrelated flags are kept in order.
-  assert main.deterministic_xla_flags('--xla_force_host_platform_device_count=2 '
-                                      '--xla_gpu_autotune_level=2') == (
+  assert main.deterministic_xla_flags(
+      '--xla_force_host_platform_device_count=2 ' '--xla_gpu_autotune_level=2'
+  ) == (
       '--xla_force_host_platform_device_count=2 --xla_gpu_autotune_level=2 '
-      '--xla_gpu_deterministic_ops=true')
+      '--xla_gpu_deterministic_ops=true'
+  )
 
 
 def test_divergence_with_a_finite_loss_stops_before_anything_non_finite_is_saved(
-    world_cache, tmp_path):
+    world_cache, tmp_path
+):
   # lr 1e9: the first adaptation epoch's loss can stay finite while the gradient norm is NaN and
   # the parameters turn non-finite; the run must stop and keep no non-finite state.
   config = tiny_config()

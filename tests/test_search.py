@@ -14,8 +14,8 @@ import re
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from jaxreid import convert
 from jaxreid import features as features_lib
@@ -35,7 +35,7 @@ def _person(rng, pid, h, w):
   """A crude 'person': a per-identity colour for top and bottom, plus noise."""
   c = np.random.default_rng(pid).integers(0, 256, (2, 3))
   im = np.empty((h, w, 3), float)
-  im[:h // 2], im[h // 2:] = c[0], c[1]
+  im[: h // 2], im[h // 2 :] = c[0], c[1]
   return np.clip(im + rng.normal(0, 12, im.shape), 0, 255).astype(np.uint8)
 
 
@@ -46,9 +46,15 @@ def world(tmp_path_factory):
   run.mkdir()
   model = models.create_model(dict(MODEL, num_classes=8))
   convert.save_converted(str(run / 'model.msgpack'), models.init_variables(model, 3))
-  (run / 'config.json').write_text(json.dumps(
-      {'method': 'mmt', 'model': dict(MODEL, dtype='float32', ibn=False),
-       'data': {'height': H, 'width': W, 'eval_batch_size': 8}}))
+  (run / 'config.json').write_text(
+      json.dumps(
+          {
+              'method': 'mmt',
+              'model': dict(MODEL, dtype='float32', ibn=False),
+              'data': {'height': H, 'width': W, 'eval_batch_size': 8},
+          }
+      )
+  )
   rng = np.random.default_rng(0)
   q, g = root / 'query', root / 'gallery'
   q.mkdir()
@@ -82,9 +88,17 @@ def _rank_lines(out):
 def test_search_end_to_end(world, tmp_path, capsys):
   out_png = tmp_path / 'fig' / 'retrieval.png'
   exp = tmp_path / 'exported'
-  rc = search.main([f'--model={world["run"]}', f'--query={world["query"]}',
-                    f'--gallery={world["gallery"]}', '--topk=4', f'--out={out_png}',
-                    f'--export_features={exp}', '--batch_size=4'])
+  rc = search.main(
+      [
+          f'--model={world["run"]}',
+          f'--query={world["query"]}',
+          f'--gallery={world["gallery"]}',
+          '--topk=4',
+          f'--out={out_png}',
+          f'--export_features={exp}',
+          '--batch_size=4',
+      ]
+  )
   captured = capsys.readouterr()
   assert rc == 0, captured.err
   out = captured.out
@@ -113,7 +127,7 @@ def test_search_end_to_end(world, tmp_path, capsys):
   assert gal['pids'] == [int(os.path.basename(p)[:4]) for p in gal['paths']]
   d = ((qf[:, None] - gf[None]) ** 2).sum(-1)
   for i in range(3):
-    rows = ranks[4 * i:4 * i + 4]
+    rows = ranks[4 * i : 4 * i + 4]
     names = [r[3] for r in rows]
     want = [os.path.basename(gal['paths'][j]) for j in np.argsort(d[i], kind='stable')[:4]]
     assert names == want
@@ -122,7 +136,8 @@ def test_search_end_to_end(world, tmp_path, capsys):
       assert r[2] == ('yes' if int(r[3][:4]) == qry['pids'][i] else 'no')
   ranking = json.loads((exp / 'ranking.json').read_text())
   assert [s['path'] for s in ranking['skipped']] == [
-      os.path.join(world['gallery'], '0005_c1s1_000501_00.jpg')]
+      os.path.join(world['gallery'], '0005_c1s1_000501_00.jpg')
+  ]
 
   # The picture: 3 rows of query + top 4 at the model's input size (x4 to 128 px tall).
   layout = plots.retrieval_layout(3, 4, (H, W), with_text=True)
@@ -130,7 +145,7 @@ def test_search_end_to_end(world, tmp_path, capsys):
     assert im.size == (layout.size[1], layout.size[0])
     img = np.asarray(im.convert('RGB'))
   for i in range(3):
-    for j, r in enumerate(ranks[4 * i:4 * i + 4]):
+    for j, r in enumerate(ranks[4 * i : 4 * i + 4]):
       t, l, _, _ = layout.cell_box(i, j + 1)
       want = plots.MATCH_COLOR if r[2] == 'yes' else plots.MISMATCH_COLOR
       assert tuple(img[t, l]) == want
@@ -161,8 +176,7 @@ def test_images_of_any_mode_and_size_become_rgb_at_model_size(world):
   loaded = inference.load_images(paths, H, W)
   assert loaded.images.shape == (world['num_gallery'], H, W, 3)
   assert loaded.images.dtype == np.uint8
-  gray = loaded.images[[os.path.basename(p) for p in loaded.paths].index(
-      '0003_c2s1_000302_00.png')]
+  gray = loaded.images[[os.path.basename(p) for p in loaded.paths].index('0003_c2s1_000302_00.png')]
   assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
   assert [os.path.basename(p) for p, _ in loaded.skipped] == ['0005_c1s1_000501_00.jpg']
 
@@ -176,8 +190,18 @@ def test_names_without_identity_give_neutral_borders(world, tmp_path, capsys):
   for n in range(3):
     Image.fromarray(_person(rng, n, 40, 20)).save(g / f'crop{n}.jpg')
   out_png = tmp_path / 'r.png'
-  assert search.main([f'--model={world["run"]}', f'--query={q / "someone.png"}',
-                      f'--gallery={g}', '--topk=5', f'--out={out_png}']) == 0
+  assert (
+      search.main(
+          [
+              f'--model={world["run"]}',
+              f'--query={q / "someone.png"}',
+              f'--gallery={g}',
+              '--topk=5',
+              f'--out={out_png}',
+          ]
+      )
+      == 0
+  )
   out = capsys.readouterr().out
   ranks = _rank_lines(out)
   assert len(ranks) == 3  # top 5 of a 3-image gallery
@@ -198,8 +222,16 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
   err = capsys.readouterr().err
   assert 'no images' in err and str(empty) in err and 'sub-folders (sub)' in err
 
-  assert search.main([f'--model={world["run"]}', f'--query={tmp_path / "nope.jpg"}',
-                      f'--gallery={world["gallery"]}']) == 2
+  assert (
+      search.main(
+          [
+              f'--model={world["run"]}',
+              f'--query={tmp_path / "nope.jpg"}',
+              f'--gallery={world["gallery"]}',
+          ]
+      )
+      == 2
+  )
   assert 'nope.jpg does not exist' in capsys.readouterr().err
 
   broken = tmp_path / 'broken'
@@ -208,15 +240,27 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
   assert search.main(args + [f'--gallery={broken}']) == 2
   assert 'none of the 1 file(s)' in capsys.readouterr().err
 
-  assert search.main([f'--model={tmp_path / "no_run"}', f'--query={world["query"]}',
-                      f'--gallery={world["gallery"]}']) == 2
+  assert (
+      search.main(
+          [
+              f'--model={tmp_path / "no_run"}',
+              f'--query={world["query"]}',
+              f'--gallery={world["gallery"]}',
+          ]
+      )
+      == 2
+  )
   assert 'does not exist' in capsys.readouterr().err
 
   unfinished = tmp_path / 'unfinished'
   (unfinished / 'pretrain_seed1').mkdir(parents=True)
   shutil.copy(os.path.join(world['run'], 'model.msgpack'), unfinished / 'pretrain_seed1')
-  assert search.main([f'--model={unfinished}', f'--query={world["query"]}',
-                      f'--gallery={world["gallery"]}']) == 2
+  assert (
+      search.main(
+          [f'--model={unfinished}', f'--query={world["query"]}', f'--gallery={world["gallery"]}']
+      )
+      == 2
+  )
   err = capsys.readouterr().err
   assert 'has no model.msgpack' in err and 'pretrain_seed1/model.msgpack' in err
 
@@ -236,7 +280,16 @@ def test_rank_gallery_matches_a_full_sort_and_breaks_ties_by_gallery_order():
 
 def test_search_writes_no_picture_unless_asked(world, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
-  assert search.main([f'--model={world["run"]}', f'--query={world["query"]}',
-                      f'--gallery={world["gallery"]}', '--topk=2']) == 0
+  assert (
+      search.main(
+          [
+              f'--model={world["run"]}',
+              f'--query={world["query"]}',
+              f'--gallery={world["gallery"]}',
+              '--topk=2',
+          ]
+      )
+      == 0
+  )
   assert os.listdir(tmp_path) == []
   assert 'add --out=' in capsys.readouterr().out

@@ -37,10 +37,14 @@ def test_teacher_is_ema_of_student_params_only():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Step 1: alpha = 0.5 -> teacher = 0.5 * old teacher + 0.5 * new student (hand rule).
   s2, _ = step(s1, data, idx[1], idx[1])
-  for t_old, s_new, t_new in zip(jax.tree.leaves(s1.teacher_params), jax.tree.leaves(s2.params),
-                                 jax.tree.leaves(s2.teacher_params)):
-    np.testing.assert_allclose(np.asarray(t_new), 0.5 * np.asarray(t_old) + 0.5 * np.asarray(s_new),
-                               rtol=1e-5, atol=1e-7)
+  for t_old, s_new, t_new in zip(
+      jax.tree.leaves(s1.teacher_params),
+      jax.tree.leaves(s2.params),
+      jax.tree.leaves(s2.teacher_params),
+  ):
+    np.testing.assert_allclose(
+        np.asarray(t_new), 0.5 * np.asarray(t_old) + 0.5 * np.asarray(s_new), rtol=1e-5, atol=1e-7
+    )
   # BN running statistics are not averaged: the teacher's come from its own forward passes, so
   # they differ from the student's (different views) and from the EMA of the student's.
   t_stats = jax.tree.leaves(s2.teacher_batch_stats)
@@ -48,11 +52,15 @@ def test_teacher_is_ema_of_student_params_only():
   assert any(not np.allclose(a, b) for a, b in zip(t_stats, s_stats))
 
 
-@pytest.mark.parametrize('method,views,same_view', [
-    ('abmt', (), True),             # the reference: ABMT's teacher sees the student's view
-    ('abmt', (1,), False),          # config.train.teacher_views=(1,): a view of its own
-    # (the mean-teacher baseline's default, a second view: test_teacher_is_ema_of_student_...)
-    ('mean_teacher', (0,), True)])
+@pytest.mark.parametrize(
+    'method,views,same_view',
+    [
+        ('abmt', (), True),  # the reference: ABMT's teacher sees the student's view
+        ('abmt', (1,), False),  # config.train.teacher_views=(1,): a view of its own
+        # (the mean-teacher baseline's default, a second view: test_teacher_is_ema_of_student_...)
+        ('mean_teacher', (0,), True),
+    ],
+)
 def test_which_view_the_teacher_sees(method, views, same_view):
   # Teacher and student start identical, so a teacher forwarding the student's very images gets
   # the same BN batch statistics: equal running statistics after one step. Another augmented
@@ -87,10 +95,10 @@ def test_adam_with_coupled_weight_decay_matches_hand_computation():
   params = {'w': jnp.asarray([1.0, -2.0])}
   grads = {'w': jnp.asarray([0.3, 0.1])}
   updates, _ = tx.update(grads, tx.init(params), params)
-  g = np.asarray([0.3, 0.1]) + wd * np.asarray([1.0, -2.0])   # decay added to the gradient
-  m, v = 0.1 * g, 0.001 * g ** 2                             # first Adam step
+  g = np.asarray([0.3, 0.1]) + wd * np.asarray([1.0, -2.0])  # decay added to the gradient
+  m, v = 0.1 * g, 0.001 * g**2  # first Adam step
   expected = -lr * (m / 0.1) / (np.sqrt(v / 0.001) + 1e-8)
-  np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-5)  # float32
+  np.testing.assert_allclose(np.asarray(updates['w']), expected, rtol=1e-5)  # float32
 
 
 def test_frozen_parameters_get_no_update():
@@ -131,8 +139,9 @@ def test_classifier_rows_from_centroids_and_mask():
   expected = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
   np.testing.assert_allclose(kernel[:, :3].T, expected, rtol=1e-5, atol=1e-6)
   assert np.all(kernel[:, 3:] == 0)
-  np.testing.assert_array_equal(np.asarray(models.class_mask(3, fx.MAX_CLASSES)),
-                                np.arange(fx.MAX_CLASSES) < 3)
+  np.testing.assert_array_equal(
+      np.asarray(models.class_mask(3, fx.MAX_CLASSES)), np.arange(fx.MAX_CLASSES) < 3
+  )
 
 
 @pytest.mark.parametrize('method', ['pretrain', 'cluster_baseline', 'mean_teacher', 'mmt', 'abmt'])
@@ -151,13 +160,14 @@ def test_new_labels_do_not_recompile():
   idx = fx.pk_indices(2)
   state = train_lib.replicate(state, mesh)
   state, _ = chunk(state, train_lib.replicate(data, mesh), idx, idx)
-  relabelled = data.replace(labels=(data.labels + 1) % 4,
-                            class_mask=models.class_mask(5, fx.MAX_CLASSES))
+  relabelled = data.replace(
+      labels=(data.labels + 1) % 4, class_mask=models.class_mask(5, fx.MAX_CLASSES)
+  )
   state, _ = chunk(state, train_lib.replicate(relabelled, mesh), idx, idx)
   assert chunk._cache_size() == 1
 
 
-PROBE = r'''
+PROBE = r"""
 import json, os, sys
 import numpy as np, jax
 sys.path.insert(0, sys.argv[1])
@@ -167,18 +177,23 @@ assert jax.device_count() == int(sys.argv[2]), jax.devices()
 state, metrics = fx.run_steps(sys.argv[3], 4)
 np.savez(sys.argv[4], loss=np.asarray(metrics['loss/total']),
          **{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))})
-'''
+"""
 
 
 @pytest.mark.parametrize('method', ['mmt', 'abmt'])
 def test_results_do_not_depend_on_device_count(tmp_path, method):
   out = {}
   for n in (1, 4):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
-               JAX_PLATFORMS='cpu')
+    env = dict(
+        os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}', JAX_PLATFORMS='cpu'
+    )
     path = tmp_path / f'{n}.npz'
-    subprocess.run([sys.executable, '-c', PROBE, os.path.dirname(__file__), str(n), method,
-                    str(path)], check=True, env=env, cwd=REPO)
+    subprocess.run(
+        [sys.executable, '-c', PROBE, os.path.dirname(__file__), str(n), method, str(path)],
+        check=True,
+        env=env,
+        cwd=REPO,
+    )
     out[n] = np.load(path)
   np.testing.assert_allclose(out[1]['loss'], out[4]['loss'], rtol=2e-5, atol=1e-5)
   keys = [k for k in out[1].files if k != 'loss']
@@ -190,8 +205,9 @@ def test_results_do_not_depend_on_device_count(tmp_path, method):
   # what a noise-level gradient (sign flipped by reduction order) can do to a near-zero parameter.
   lr, steps = 1e-3, 4
   for key in keys:
-    np.testing.assert_allclose(out[1][key], out[4][key], rtol=1e-3, atol=2 * lr * steps,
-                               err_msg=key)
+    np.testing.assert_allclose(
+        out[1][key], out[4][key], rtol=1e-3, atol=2 * lr * steps, err_msg=key
+    )
 
 
 def test_scan_and_python_loop_drivers_agree():
@@ -201,8 +217,9 @@ def test_scan_and_python_loop_drivers_agree():
     _, _, _, state, step_fn, data = fx.setup('cluster_baseline', mesh=mesh)
     chunk = train_lib.make_train_chunk(step_fn, mesh, use_scan=use_scan)
     idx = fx.pk_indices(3)
-    state, metrics = chunk(train_lib.replicate(state, mesh), train_lib.replicate(data, mesh),
-                           idx, idx)
+    state, metrics = chunk(
+        train_lib.replicate(state, mesh), train_lib.replicate(data, mesh), idx, idx
+    )
     out[use_scan] = (jax.device_get(state), jax.device_get(metrics))
   np.testing.assert_allclose(out[True][1]['loss/total'], out[False][1]['loss/total'], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(out[True][0].params), jax.tree.leaves(out[False][0].params)):

@@ -21,8 +21,9 @@ def test_second_process_is_refused_while_the_first_holds_the_lock(tmp_path):
 
 
 def test_lock_left_by_a_killed_process_is_taken_over(tmp_path):
-  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                        capture_output=True, text=True).stdout.strip()
+  dead = subprocess.run(
+      [sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True
+  ).stdout.strip()
   (tmp_path / '.lock').write_text(dead)
   with workdir_lib.Lock(str(tmp_path)) as lock:
     assert lock.held and (tmp_path / '.lock').read_text() == str(os.getpid())
@@ -64,21 +65,34 @@ def test_command_line_refusal_is_one_line_with_exit_code_2(tmp_path):
   c = mmt_config.get_config()
   workdir_lib.remember_config(c, str(tmp_path))
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  r = subprocess.run([sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py',
-                      f'--workdir={tmp_path}', '--config.model.width=32'],
-                     cwd=repo, capture_output=True, text=True)
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'jaxreid.main',
+          '--config=configs/mmt.py',
+          f'--workdir={tmp_path}',
+          '--config.model.width=32',
+      ],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+  )
   assert r.returncode == 2
   assert 'Traceback' not in r.stderr and 'model.width: 16 -> 32' in r.stderr
 
 
-@pytest.mark.parametrize('override, key', [
-    (('pretrain', 'epochs', -1), 'pretrain.epochs'),
-    (('train', 'epochs', -1), 'train.epochs'),
-    (('data', 'num_instances', 0), 'data.num_instances'),
-    (('cluster', 'num_clusters', 0), 'cluster.num_clusters'),
-    (('train', 'lr', 0.0), 'train.lr'),
-    (('train', 'ema_decay', 1.0), 'train.ema_decay'),
-])
+@pytest.mark.parametrize(
+    'override, key',
+    [
+        (('pretrain', 'epochs', -1), 'pretrain.epochs'),
+        (('train', 'epochs', -1), 'train.epochs'),
+        (('data', 'num_instances', 0), 'data.num_instances'),
+        (('cluster', 'num_clusters', 0), 'cluster.num_clusters'),
+        (('train', 'lr', 0.0), 'train.lr'),
+        (('train', 'ema_decay', 1.0), 'train.ema_decay'),
+    ],
+)
 def test_out_of_range_fields_fail_before_any_work_naming_the_key(override, key, tmp_path):
   c = mmt_config.get_config()
   section, name, value = override
@@ -90,22 +104,44 @@ def test_out_of_range_fields_fail_before_any_work_naming_the_key(override, key, 
 
 def test_config_path_works_from_any_directory(tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  r = subprocess.run([sys.executable, '-m', 'jaxreid.main',
-                      f'--config={os.path.join(repo, "configs", "mmt.py")}:cuhk2pku,dbscan',
-                      '--config.train.lr=-1', f'--workdir={tmp_path / "w"}'],
-                     cwd=str(tmp_path), capture_output=True, text=True)
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'jaxreid.main',
+          f'--config={os.path.join(repo, "configs", "mmt.py")}:cuhk2pku,dbscan',
+          '--config.train.lr=-1',
+          f'--workdir={tmp_path / "w"}',
+      ],
+      cwd=str(tmp_path),
+      capture_output=True,
+      text=True,
+  )
   assert r.returncode == 2 and 'config.train.lr' in r.stderr, r.stderr[-2000:]
 
 
-TINY = ['--config.data.synthetic.num_train_ids=12', '--config.data.synthetic.num_test_ids=6',
-        '--config.data.synthetic.min_images=4', '--config.data.synthetic.max_images=6',
-        '--config.data.height=32', '--config.data.width=16', '--config.data.batch_size=16',
-        '--config.data.eval_batch_size=64', '--config.model.depth=18', '--config.model.width=8',
-        '--config.pretrain.epochs=1', '--config.pretrain.iters=2',
-        '--config.pretrain.warmup_epochs=1', "--config.pretrain.milestones=(5,)",
-        '--config.pretrain.eval_every=0', '--config.train.epochs=2', '--config.train.iters=4',
-        '--config.train.log_every=1', '--config.train.eval_every=1',
-        '--config.cluster.num_clusters=6']
+TINY = [
+    '--config.data.synthetic.num_train_ids=12',
+    '--config.data.synthetic.num_test_ids=6',
+    '--config.data.synthetic.min_images=4',
+    '--config.data.synthetic.max_images=6',
+    '--config.data.height=32',
+    '--config.data.width=16',
+    '--config.data.batch_size=16',
+    '--config.data.eval_batch_size=64',
+    '--config.model.depth=18',
+    '--config.model.width=8',
+    '--config.pretrain.epochs=1',
+    '--config.pretrain.iters=2',
+    '--config.pretrain.warmup_epochs=1',
+    '--config.pretrain.milestones=(5,)',
+    '--config.pretrain.eval_every=0',
+    '--config.train.epochs=2',
+    '--config.train.iters=4',
+    '--config.train.log_every=1',
+    '--config.train.eval_every=1',
+    '--config.cluster.num_clusters=6',
+]
 
 
 def _main(workdir, env, kill_after_line=None, delay=0.0):
@@ -113,10 +149,17 @@ def _main(workdir, env, kill_after_line=None, delay=0.0):
   after the first output line containing that text. Returns (exit code, output)."""
   import signal
   import time
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.Popen([sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py',
-                           f'--workdir={workdir}'] + TINY, cwd=repo, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py', f'--workdir={workdir}']
+      + TINY,
+      cwd=repo,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   out = []
   for line in proc.stdout:
     out.append(line)
@@ -128,14 +171,18 @@ def _main(workdir, env, kill_after_line=None, delay=0.0):
   return proc.returncode, ''.join(out)
 
 
-@pytest.mark.parametrize('line, delay', [
-    ('[pretrain seed 2]', 0.0),           # inside pre-training of the second source model
-    ('[mmt] epoch 1/2 it 2/4', 0.0),      # inside the first adaptation epoch
-    ('[mmt] epoch 1/2 it 4/4', 0.3),      # at the epoch's end: evaluation, checkpoint write
-    ('[mmt] epoch 1/2 loss', 0.0),        # between epochs
-])
+@pytest.mark.parametrize(
+    'line, delay',
+    [
+        ('[pretrain seed 2]', 0.0),  # inside pre-training of the second source model
+        ('[mmt] epoch 1/2 it 2/4', 0.0),  # inside the first adaptation epoch
+        ('[mmt] epoch 1/2 it 4/4', 0.3),  # at the epoch's end: evaluation, checkpoint write
+        ('[mmt] epoch 1/2 loss', 0.0),  # between epochs
+    ],
+)
 def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_result(
-    tmp_path_factory, line, delay):
+    tmp_path_factory, line, delay
+):
   base = tmp_path_factory.getbasetemp()
   env = dict(os.environ, JAXREID_DATA_CACHE=str(base / 'world'))
   reference = base / 'uninterrupted'
@@ -157,21 +204,33 @@ def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_result(
 
 def test_a_second_process_on_a_busy_work_dir_exits_at_once(tmp_path_factory):
   import time
+
   base = tmp_path_factory.getbasetemp()
   env = dict(os.environ, JAXREID_DATA_CACHE=str(base / 'world'))
   workdir = tmp_path_factory.mktemp('busy')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  first = subprocess.Popen([sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py',
-                            f'--workdir={workdir}'] + TINY, cwd=repo, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = subprocess.Popen(
+      [sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py', f'--workdir={workdir}']
+      + TINY,
+      cwd=repo,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   try:
     for _ in range(600):
       if (workdir / '.lock').exists():
         break
       time.sleep(0.1)
-    second = subprocess.run([sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py',
-                             f'--workdir={workdir}'] + TINY, cwd=repo, env=env,
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        [sys.executable, '-m', 'jaxreid.main', '--config=configs/mmt.py', f'--workdir={workdir}']
+        + TINY,
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert second.returncode == 2, second.stderr[-2000:]
     assert f'in use by another jaxreid process (pid {first.pid})' in second.stderr
     assert 'Traceback' not in second.stderr
@@ -182,6 +241,7 @@ def test_a_second_process_on_a_busy_work_dir_exits_at_once(tmp_path_factory):
 
 def test_a_run_in_which_no_epoch_was_evaluated_still_finishes_cleanly(world_cache, tmp_path):
   from configs import abmt as abmt_config
+
   c = abmt_config.get_config()
   c.data.synthetic.update(dict(num_train_ids=12, num_test_ids=6, min_images=4, max_images=6))
   c.data.update(dict(height=32, width=16, batch_size=16, eval_batch_size=64))

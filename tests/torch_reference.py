@@ -28,8 +28,15 @@ class ConvLayer(nn.Module):
 
   def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1):
     super().__init__()
-    self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                          padding=padding, bias=False, groups=groups)
+    self.conv = nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        bias=False,
+        groups=groups,
+    )
     self.bn = nn.BatchNorm2d(out_channels)
     self.relu = nn.ReLU(inplace=True)
 
@@ -42,8 +49,9 @@ class Conv1x1(nn.Module):
 
   def __init__(self, in_channels, out_channels, stride=1, groups=1):
     super().__init__()
-    self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, padding=0, bias=False,
-                          groups=groups)
+    self.conv = nn.Conv2d(
+        in_channels, out_channels, 1, stride=stride, padding=0, bias=False, groups=groups
+    )
     self.bn = nn.BatchNorm2d(out_channels)
     self.relu = nn.ReLU(inplace=True)
 
@@ -69,8 +77,9 @@ class LightConv3x3(nn.Module):
   def __init__(self, in_channels, out_channels):
     super().__init__()
     self.conv1 = nn.Conv2d(in_channels, out_channels, 1, stride=1, padding=0, bias=False)
-    self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False,
-                           groups=out_channels)
+    self.conv2 = nn.Conv2d(
+        out_channels, out_channels, 3, stride=1, padding=1, bias=False, groups=out_channels
+    )
     self.bn = nn.BatchNorm2d(out_channels)
     self.relu = nn.ReLU(inplace=True)
 
@@ -134,8 +143,9 @@ class OSNet(nn.Module):
     self.conv4 = self._make_layer(c2, c3, reduce_spatial_size=False)
     self.conv5 = Conv1x1(c3, c3)
     self.global_avgpool = nn.AdaptiveAvgPool2d(1)
-    self.fc = nn.Sequential(nn.Linear(c3, feature_dim), nn.BatchNorm1d(feature_dim),
-                            nn.ReLU(inplace=True))
+    self.fc = nn.Sequential(
+        nn.Linear(c3, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True)
+    )
     self.classifier = nn.Linear(feature_dim, num_classes)
     self._init_params()
 
@@ -203,8 +213,15 @@ def osnet_x0_25(num_classes=1000, loss='softmax'):
 # ----------------------------------------------------------------------------------------------
 
 # (expand ratio t, output channels c, repeats n, first stride s)
-MOBILENETV2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+MOBILENETV2_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 def _make_divisible(v, divisor=8, min_value=None):
@@ -222,10 +239,18 @@ class Conv2dNormActivation(nn.Sequential):
 
   def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, groups=1):
     super().__init__(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
-                  groups=groups, bias=False),
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            (kernel_size - 1) // 2,
+            groups=groups,
+            bias=False,
+        ),
         nn.BatchNorm2d(out_channels),
-        nn.ReLU6(inplace=True))
+        nn.ReLU6(inplace=True),
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -239,9 +264,11 @@ class InvertedResidual(nn.Module):
     layers = []
     if expand_ratio != 1:
       layers.append(Conv2dNormActivation(inp, hidden, kernel_size=1))
-    layers += [Conv2dNormActivation(hidden, hidden, stride=stride, groups=hidden),
-               nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
-               nn.BatchNorm2d(oup)]
+    layers += [
+        Conv2dNormActivation(hidden, hidden, stride=stride, groups=hidden),
+        nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(oup),
+    ]
     self.conv = nn.Sequential(*layers)
     self.out_channels = oup
 
@@ -332,6 +359,6 @@ def load_legacy_features(model, state_dict):
     mapping[key] = new
   if len(set(mapping.values())) != len(mapping):
     raise KeyError('two legacy keys map onto the same model key')
-  renamed = {mapping[k][len('features.'):]: v for k, v in state_dict.items()}
+  renamed = {mapping[k][len('features.') :]: v for k, v in state_dict.items()}
   model.features.load_state_dict(renamed, strict=True)
   return mapping

@@ -25,8 +25,8 @@ def toy_images(seed: int = 0, num_ids: int = NUM_IDS, per_id: int = PER_ID):
   for pid in range(num_ids):
     for k in range(per_id):
       img = np.empty((HEIGHT, WIDTH, 3), np.float32)
-      img[:HEIGHT // 2] = colours[pid, 0]
-      img[HEIGHT // 2:] = colours[pid, 1]
+      img[: HEIGHT // 2] = colours[pid, 0]
+      img[HEIGHT // 2 :] = colours[pid, 1]
       img += rng.normal(0, 20, img.shape)
       images.append(np.clip(img, 0, 255).astype(np.uint8))
       labels.append(pid)
@@ -40,8 +40,10 @@ def tiny_model(arch: str = 'resnet', num_classes: int = MAX_CLASSES, **kw):
 
 def init_students(model, n: int, seed: int = 0):
   x = jnp.zeros((1, HEIGHT, WIDTH, 3))
-  return [jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(seed + i), x, train=False))
-          for i in range(n)]
+  return [
+      jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(seed + i), x, train=False))
+      for i in range(n)
+  ]
 
 
 def method_terms(method: str):
@@ -50,8 +52,15 @@ def method_terms(method: str):
   return objectives.build_objective(method)
 
 
-def setup(method: str, *, lr: float = 1e-3, seed: int = 0, mesh=None, augment: bool = True,
-          teacher_views: tuple = ()):
+def setup(
+    method: str,
+    *,
+    lr: float = 1e-3,
+    seed: int = 0,
+    mesh=None,
+    augment: bool = True,
+    teacher_views: tuple = (),
+):
   """(model, spec, tx, state, step_fn, data) for `method` on the toy data; `teacher_views`
   overrides the method's teachers' views."""
   spec = train_lib.METHODS[method]
@@ -63,14 +72,23 @@ def setup(method: str, *, lr: float = 1e-3, seed: int = 0, mesh=None, augment: b
   students = init_students(model, spec.num_students, seed)
   images, labels, _ = toy_images(seed)
   centroids = np.eye(NUM_IDS, models.embedding_dim(model), dtype=np.float32)
-  students = [dict(v, params=models.set_classifier_rows(v['params'], centroids))
-              for v in students]
+  students = [dict(v, params=models.set_classifier_rows(v['params'], centroids)) for v in students]
   state = train_lib.create_train_state(spec, students, tx, jax.random.PRNGKey(seed))
-  data = train_lib.EpochData(images=jnp.asarray(images), labels=jnp.asarray(labels),
-                             class_mask=models.class_mask(NUM_IDS, MAX_CLASSES),
-                             target_images=jnp.asarray(images))
-  step_fn = train_lib.make_train_step(model, spec, method_terms(method), tx, mesh=mesh,
-                                      target_bn_pass=(method == 'pretrain'), augment=augment)
+  data = train_lib.EpochData(
+      images=jnp.asarray(images),
+      labels=jnp.asarray(labels),
+      class_mask=models.class_mask(NUM_IDS, MAX_CLASSES),
+      target_images=jnp.asarray(images),
+  )
+  step_fn = train_lib.make_train_step(
+      model,
+      spec,
+      method_terms(method),
+      tx,
+      mesh=mesh,
+      target_bn_pass=(method == 'pretrain'),
+      augment=augment,
+  )
   return model, spec, tx, state, step_fn, data
 
 
@@ -84,8 +102,16 @@ def pk_indices(iters: int, seed: int = 0, batch: int = 8):
   return np.asarray(rows, np.int32)
 
 
-def run_steps(method: str, iters: int, *, mesh=None, lr: float = 1e-3, seed: int = 0,
-              batch: int = 8, augment: bool = True):
+def run_steps(
+    method: str,
+    iters: int,
+    *,
+    mesh=None,
+    lr: float = 1e-3,
+    seed: int = 0,
+    batch: int = 8,
+    augment: bool = True,
+):
   """Runs `iters` scanned steps; returns (final state, metrics dict of (iters,) arrays)."""
   mesh = mesh or train_lib.make_mesh()
   _, _, _, state, step_fn, data = setup(method, lr=lr, seed=seed, mesh=mesh, augment=augment)
