@@ -32,9 +32,10 @@ def _last_record(path, stage_prefix=None, key=None):
 def main(folder: str) -> None:
   print(
       f'| run ({folder}) | source-only mAP / top-1 | adapted mAP | top-1 | top-5 | top-10 | '
-      'coupling teachers / teacher-student | branch mAP avg / max (source -> adapted) |'
+      'coupling teachers / teacher-student | branch mAP avg / max (source -> adapted) | '
+      'wall time |'
   )
-  print('|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|')
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
     if not os.path.isdir(path):
@@ -65,13 +66,16 @@ def main(folder: str) -> None:
           )
           or '-'
       )
-      print(f'| {name} | ' + ' | '.join(cells) + f' | {c} | {branches} |')
+      # config.json is written when a run starts, results.json when it ends (resumed runs
+      # include the time they were stopped)
+      wall = os.path.getmtime(results) - os.path.getmtime(os.path.join(path, 'config.json'))
+      print(f'| {name} | ' + ' | '.join(cells) + f' | {c} | {branches} | {wall / 60:.0f} min |')
     elif name.startswith('pretrain'):
       r = _last_record(metrics, stage_prefix='pretrain_final')
       if r:
         print(
             f"| {name} (source model) | {r['target/mAP']:.1f} / {r['target/top1']:.1f} | "
-            f"source domain: {r['source/mAP']:.1f} | {r['source/top1']:.1f} | - | - | - | - |"
+            f"source domain: {r['source/mAP']:.1f} | {r['source/top1']:.1f} | - | - | - | - | - |"
         )
 
 
