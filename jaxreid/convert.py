@@ -782,7 +782,14 @@ def is_torch_file(path: str) -> bool:
     return f.read(1) == b'\x80'
 
 
-def load_weights(path: str, model, *, key: str = 'weights', drop_classifier: bool = False) -> dict:
+def load_weights(
+    path: str,
+    model,
+    *,
+    key: str = 'weights',
+    drop_classifier: bool = False,
+    report: dict | None = None,
+) -> dict:
   """Variables for `model` from a `.msgpack` (`save_converted`) or a PyTorch file (any format
   `convert_state_dict` knows, converted on the fly, nothing executed). Every problem is one
   `ConversionError` naming `key`, the file and what to do. `drop_classifier`: PyTorch
@@ -795,7 +802,7 @@ def load_weights(path: str, model, *, key: str = 'weights', drop_classifier: boo
       sd = extract_state_dict(load_torch_checkpoint(path))
       if drop_classifier:
         sd = {k: v for k, v in sd.items() if not k.split('.')[0].startswith('classifier')}
-      return convert_state_dict(sd, model)
+      return convert_state_dict(sd, model, report=report)
     return load_converted(path, model, check_classifier_width=not drop_classifier)
   except (ConversionError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
     raise ConversionError(f'{key}={path!r}: {e}') from None

@@ -706,7 +706,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       else None
   )
   writer = MetricsWriter(workdir)
-  initial = load_initial(config)
+  initial, fresh_extra_block = load_initial(config)
   if config.method == 'pretrain':
     variables = pretrain(
         config,
@@ -738,7 +738,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(summary, f, indent=2, default=float)
     return results
-  students = source_models(config, source, target, workdir, mesh, initial)
+  students = source_models(config, source, target, workdir, mesh, initial, fresh_extra_block)
   spec = train_lib.METHODS[config.method]
   model = build_model(
       config, students[0]['params'][_classifier_key(students[0])]['kernel'].shape[1]
@@ -773,18 +773,23 @@ def _classifier_key(variables) -> str:
   return next(k for k in variables['params'] if k.endswith('classifier'))
 
 
-def load_initial(config) -> dict | None:
+def load_initial(config) -> tuple[dict | None, bool]:
   """The weights to start from (`config.init.pretrained`), if configured: a `.msgpack` of the
   project's format or a PyTorch file (torchvision, IBN-Net, torchreid, MMT, ABMT), converted
   here without executing anything from it. Classifiers are dropped (they are re-created for the
-  source identities or the clusters)."""
+  source identities or the clusters). Also returns whether ABMT's extra block was freshly
+  initialised (a single-branch checkpoint: see `warm_start_max_branch`)."""
   path = config.init.pretrained
   if not path:
-    return None
+    return None, False
   from jaxreid import convert
 
   model = build_model(config, 1)
-  return convert.load_weights(path, model, key='config.init.pretrained', drop_classifier=True)
+  report = {}
+  variables = convert.load_weights(
+      path, model, key='config.init.pretrained', drop_classifier=True, report=report
+  )
+  return variables, any('max_branch/extra' in p for p in report.get('fresh', ()))
 
 
 def method_spec(config) -> train_lib.MethodSpec:
@@ -802,7 +807,49 @@ def _teacher_views(config) -> tuple:
   return tuple(config.train.get('teacher_views') or ())
 
 
-def source_models(config, source, target, workdir, mesh, initial) -> list[dict]:
+def warm_start_max_branch(
+    model, variables: dict, images: np.ndarray, seed: int, batches: int = 50, batch: int = 32
+) -> dict:
+  """ABMT from a single-branch re-ID model without source training (docs/reference.md section 9).
+
+  The reference trains the max branch's random extra block during source pre-training; started
+  from a downloaded model it would be untrained, and its random residual plus max pooling make
+  the joint feature useless (measured, msmt17 -> market1501: joint mAP 3.5 against the avg
+  branch's 24.8, then one cluster of 92% of the images). So the extra block starts as an identity
+  (its last BN's scale and bias 0; it still learns) and the max branch's BatchNorm statistics (its copied
+  last stage after max pooling, and its neck) are re-estimated on target images in train mode, no
+  gradient; the shared trunk and the avg branch are untouched, so the avg branch is exactly the
+  given model."""
+  from flax import traverse_util
+
+  flat = traverse_util.flatten_dict(variables)
+  last_bn = {'resnet': 'bn3', 'mobilenetv2': 'project'}.get(model.backbone, 'conv3')
+  for path in flat:
+    if path[:4] == ('params', 'max_branch', 'extra', last_bn) and path[-1] in ('scale', 'bias'):
+      flat[path] = np.zeros_like(flat[path])
+  variables = traverse_util.unflatten_dict(flat)
+
+  @jax.jit
+  def update(v, x):
+    _, new = model.apply(v, input_pipeline.normalize(x), train=True, mutable=['batch_stats'])
+    stats = dict(v['batch_stats'])
+    for key in ('max_branch', 'max_neck'):
+      stats[key] = new['batch_stats'][key]
+    return {**v, 'batch_stats': stats}
+
+  rng = np.random.default_rng([seed, 12345])
+  for _ in range(batches):  # momentum 0.1 per batch: the old statistics weigh 0.9^50 < 1%
+    variables = update(variables, images[rng.choice(len(images), batch, replace=False)])
+  log(
+      f'[init] ABMT max branch: extra block as identity, BatchNorm statistics re-estimated on '
+      f'{batches} x {batch} target images'
+  )
+  return jax.device_get(variables)
+
+
+def source_models(
+    config, source, target, workdir, mesh, initial, fresh_extra_block=False
+) -> list[dict]:
   """The starting networks: given checkpoints, or pre-trained here (one per MMT network)."""
   spec = train_lib.METHODS[config.method]
   paths = [p for p in config.init.checkpoints if p]
@@ -819,6 +866,8 @@ def source_models(config, source, target, workdir, mesh, initial) -> list[dict]:
   if config.init.get('skip_pretrain', False):
     if initial is None:
       raise ValueError('config.init.skip_pretrain needs config.init.pretrained weights')
+    if fresh_extra_block:
+      initial = warm_start_max_branch(build_model(config, 1), initial, target.train, config.seed)
     return [initial] * spec.num_students
   # MMT pre-trains one model per network with different seeds (docs/reference.md section 3).
   seeds = [config.seed + k for k in range(spec.num_students)]

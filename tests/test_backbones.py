@@ -367,3 +367,38 @@ def test_real_task_presets_start_from_the_published_weights():
   # the papers' tasks reproduce the published 4-GPU BatchNorm (16-image groups)
   assert mmt_config.get_config('duke2market').model.norm_group_size == 16
   assert default.get_config().model.norm_group_size == 0
+
+
+def test_abmt_from_a_single_branch_model_starts_with_an_identity_extra_block():
+  from jaxreid import run
+
+  abmt = models.create_model(arch='abmt', backbone='osnet_x0_25', num_classes=3)
+  variables = _trained_looking(abmt)
+  images = np.random.default_rng(4).integers(0, 255, (64, 64, 32, 3), dtype=np.uint8)
+  warm = run.warm_start_max_branch(abmt, variables, images, seed=0, batches=3, batch=16)
+  flat_before = traverse_util.flatten_dict(variables)
+  flat_after = traverse_util.flatten_dict(warm)
+  for path, value in flat_after.items():
+    top = path[1]
+    if path[0] == 'batch_stats' and top in ('max_branch', 'max_neck'):
+      assert not np.allclose(value, flat_before[path]), path  # re-estimated on the images
+    elif path[:3] != ('params', 'max_branch', 'extra'):
+      np.testing.assert_array_equal(value, flat_before[path])  # trunk and avg branch untouched
+  # The extra block is an identity: the max half of the joint feature is what the copied last
+  # stage gives with max pooling alone (a plain OSNet with max pooling and the max-branch weights).
+  plain = models.create_model(backbone='osnet_x0_25', pooling='max', num_classes=3)
+  max_only = {
+      c: {
+          'backbone': {**tree['backbone'], **tree['max_branch']},
+          'neck': tree['max_neck'],
+          'classifier': tree.get('max_classifier', {}),
+      }
+      for c, tree in warm.items()
+  }
+  max_only['params']['backbone'].pop('extra')
+  max_only['batch_stats']['backbone'].pop('extra')
+  max_only['batch_stats'].pop('classifier')
+  x = images[:4]
+  joint = _jax_features(abmt, warm, x)
+  half = joint[:, 512:] / np.linalg.norm(joint[:, 512:], axis=1, keepdims=True)
+  np.testing.assert_allclose(_jax_features(plain, max_only, x), half, atol=1e-5)
