@@ -283,6 +283,8 @@ class _ReIDFields(nn.Module):
   def trunk(self, name: str, stages: Sequence[int] | None = None, extra: bool = False):
     """The backbone module for `stages` (None: all), optionally with ABMT's extra block."""
     dtype = _to_dtype(self.dtype)
+    if stages is None:  # every stage, up to the one ABMT duplicates
+      stages = tuple(range(branch_stage(self.backbone) + 1))
     if self.backbone == 'resnet':
       return ResNetTrunk(
           self.depth,
@@ -292,7 +294,7 @@ class _ReIDFields(nn.Module):
           self.last_stride,
           dtype,
           self.norm_group_size,
-          stages=tuple(range(5)) if stages is None else stages,
+          stages=stages,
           extra_bottleneck=extra,
           name=name,
       )
@@ -301,7 +303,7 @@ class _ReIDFields(nn.Module):
           self.last_stride,
           dtype,
           self.norm_group_size,
-          stages=tuple(range(5)) if stages is None else stages,
+          stages=stages,
           extra_block=extra,
           name=name,
       )
@@ -309,7 +311,7 @@ class _ReIDFields(nn.Module):
         self.backbone,
         dtype,
         self.norm_group_size,
-        stages=tuple(range(4)) if stages is None else stages,
+        stages=stages,
         extra_block=extra,
         name=name,
     )
