@@ -15,7 +15,7 @@ def get_config(arg: str = ''):
   default.use_dbscan(c, task, rho=2e-3, every_epoch=True)
   c.cluster.lam = 0.1
   # Loss weights default to the paper's L = (L_ce + L_sce) / 2 + L_stri; ablations set a group to
-  # 0, e.g. --config.loss.soft_tri=0.0 (see jaxreid.objectives.weight_names('abmt')).
+  # 0, e.g. --config.loss.soft_tri=0.0 (jaxreid.methods.METHODS['abmt'].weights lists the names).
   if task in ('market2duke', 'duke2market', 'market2msmt', 'duke2msmt'):
     c.pretrain.iters = 200  # ABMT pre-trains 80 x 200 iterations
   if task == 'msmt2market':  # no MSMT17 images here to mix in: ABMT's source-free setting

@@ -162,15 +162,15 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
       )
   )
 
-  # Every weight name the method's objective accepts (jaxreid.objectives.weight_names) is a
-  # field, unset by default (the objective's own defaults apply), so that any ablation is a
-  # command-line override, e.g. --config.loss.soft_tri=0.0.
-  c.loss = ml_collections.ConfigDict()
-  if method != 'pretrain':
-    from jaxreid import objectives
+  # The method's loss (jaxreid.methods): every weight name it accepts is a field, unset by default
+  # (the method's own defaults apply), so that any ablation is a command-line override, e.g.
+  # --config.loss.soft_tri=0.0. `function` ('package.module:function') swaps in a loss of your own
+  # with the same signature (README, "Your own loss").
+  from jaxreid import methods
 
-    for name in objectives.weight_names(method):
-      c.loss[name] = ml_collections.config_dict.placeholder(float)
+  c.loss = ml_collections.ConfigDict({'function': ''})
+  for name in methods.get(method).weights:
+    c.loss[name] = ml_collections.config_dict.placeholder(float)
   c.eval = ml_collections.ConfigDict(dict(rerank=False))
   return c
 

@@ -9,7 +9,7 @@ import argparse
 
 import numpy as np
 
-from jaxreid import convert
+from jaxreid import checkpoint
 from jaxreid import features
 from jaxreid import input_pipeline
 from jaxreid import models
@@ -25,7 +25,7 @@ def main():
   p.add_argument('--backbone', default='osnet_x0_25')
   args = p.parse_args()
   model = models.create_model(arch='abmt', backbone=args.backbone, num_classes=1)
-  variables = convert.load_weights(args.weights, model, drop_classifier=True)
+  variables = checkpoint.load_weights(args.weights, model, drop_classifier=True)
   ds = load_dataset('market1501', args.data_root)
   train = input_pipeline.decode_images(ds.train.paths, 256, 128, progress=False)
   test = input_pipeline.decode_images(

@@ -100,16 +100,16 @@ def measure_method(method: str, dtype: str) -> dict:
   import numpy as np
 
   from jaxreid import features as features_lib
+  from jaxreid import flops
+  from jaxreid import methods as methods_lib
   from jaxreid import models
-  from jaxreid import objectives
-  from jaxreid import run
+  from jaxreid import numpy_init
   from jaxreid import train as train_lib
 
-  spec = train_lib.METHODS[method]
-  arch = 'abmt' if method == 'abmt' else 'resnet'
+  spec = methods_lib.get(method)
   model = models.create_model(
       dict(
-          arch=arch,
+          arch=spec.arch or 'resnet',
           backbone=FLAGS.backbone,
           depth=FLAGS.depth,
           width=FLAGS.width,
@@ -119,7 +119,7 @@ def measure_method(method: str, dtype: str) -> dict:
   )
   mesh = train_lib.make_mesh()
   tx = train_lib.make_optimizer(3.5e-4)
-  students = [models.init_variables(model, s) for s in range(spec.num_students)]
+  students = [numpy_init.init_variables(model, s) for s in range(spec.num_students)]
   state = train_lib.replicate(
       train_lib.create_train_state(spec, students, tx, jax.random.PRNGKey(0)), mesh
   )
@@ -137,11 +137,9 @@ def measure_method(method: str, dtype: str) -> dict:
       ),
       mesh,
   )
-  terms = run.pretrain_terms(arch) if method == 'pretrain' else objectives.build_objective(method)
-  step_fn = train_lib.make_train_step(
-      model,
+  step_fn = methods_lib.make_train_step(
       spec,
-      terms,
+      model,
       tx,
       target_bn_pass=method == 'pretrain',
       erasing_prob=0.0 if method == 'pretrain' else 0.5,
@@ -173,7 +171,7 @@ def measure_method(method: str, dtype: str) -> dict:
 
   # FLOPs per step: 3 x forward for each student (forward + backward), 1 x forward for each
   # teacher and for pre-training's target BN pass.
-  fwd = models.flops_per_image(model, h, w, train=True)
+  fwd = flops.flops_per_image(model, h, w, train=True)
   forwards = 3 * spec.num_students + (spec.num_students if spec.ema else 0)
   forwards += 1 if method == 'pretrain' else 0
   step_flops = fwd * forwards * b

@@ -19,8 +19,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from jaxreid.retrieval import JaccardGraph
-from jaxreid.retrieval import full_dot_t
 from jaxreid.retrieval import jaccard_distance
+from jaxreid.retrieval.distances import sqdist
 
 __all__ = [
     'kmeans',
@@ -40,10 +40,8 @@ MAX_IMPLICIT_PAIRS = 50_000_000
 # K-means (JAX, with sklearn as the reference backend)
 # --------------------------------------------------------------------------------------------
 
-
-def _sqd(x, x_sq, c):
-  # Full float32 products (not TF32 on GPUs), as the reference's float32 K-means.
-  return x_sq[:, None] + jnp.sum(c * c, axis=1)[None, :] - 2.0 * full_dot_t(x, c)
+# Distances: `retrieval.distances.sqdist`, full float32 products (not TF32 on GPUs) as in the
+# reference's float32 K-means.
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'n_trials'))
@@ -53,7 +51,7 @@ def _kmeans_plusplus(key, x, x_sq, w, *, k, n_trials):
   key, sub = jax.random.split(key)
   first = jax.random.choice(sub, n, p=w / jnp.sum(w))
   c0 = x[first]
-  closest = jnp.maximum(_sqd(x, x_sq, c0[None])[:, 0], 0.0) * w
+  closest = jnp.maximum(sqdist(x, c0[None], x_sq=x_sq)[:, 0], 0.0) * w
   centers = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(c0)
 
   def body(i, state):
@@ -63,7 +61,7 @@ def _kmeans_plusplus(key, x, x_sq, w, *, k, n_trials):
     r = jax.random.uniform(sub, (n_trials,), dtype=cum.dtype) * cum[-1]
     cand = jnp.minimum(jnp.searchsorted(cum, r), n - 1)
     xc = x[cand]
-    dc = jnp.maximum(_sqd(xc, x_sq[cand], x).astype(closest.dtype), 0.0)  # (trials, n)
+    dc = jnp.maximum(sqdist(xc, x, x_sq=x_sq[cand]).astype(closest.dtype), 0.0)  # (trials, n)
     newc = jnp.minimum(closest[None, :], dc) * w[None, :]
     best = jnp.argmin(jnp.sum(newc, axis=1))
     return centers.at[i].set(xc[best]), newc[best], key
@@ -83,7 +81,7 @@ def _lloyd(xb, sqb, wb, centers, tol, *, max_iter):
   def assign(c):
     def one(args):
       xx, ss = args
-      dist = _sqd(xx, ss, c)
+      dist = sqdist(xx, c, x_sq=ss)
       return jnp.argmin(dist, axis=1).astype(jnp.int32), jnp.min(dist, axis=1)
 
     lab, mind = jax.lax.map(one, (xb, sqb))

@@ -1,30 +1,19 @@
 """PyTorch checkpoint -> jaxreid variables, loaded without executing anything from the file.
 
-docs/reference.md section 1: the papers start from torchvision's ImageNet ResNet-50 and from the IBN-Net
-release `resnet50_ibn_a.pth.tar`; users download those (and the released MMT / ABMT models)
-themselves and convert them once into the project's own format (flax msgpack of
-`{'params', 'batch_stats'}`, no pickle):
+docs/reference.md section 1: the papers start from torchvision's ImageNet ResNet-50 and from the
+IBN-Net release `resnet50_ibn_a.pth.tar`; users download those (and the released MMT / ABMT /
+torchreid models) themselves and either convert them once into the project's weight format
+(`jaxreid-convert`, i.e. `jaxreid.tools.convert`, which writes `jaxreid.checkpoint.save_weights`'
+msgpack) or pass them as they are wherever weights are read (`jaxreid.checkpoint.load_weights`
+converts on the fly).
 
-  # torchvision ImageNet ResNet-50 (e.g. resnet50-0676ba61.pth / resnet50-19c8e357.pth)
-  python -m jaxreid.convert --input resnet50-0676ba61.pth --output r50.msgpack \\
-      --arch resnet --depth 50
-  # IBN-Net release (keys `module.` prefixed, in a dict under 'state_dict')
-  python -m jaxreid.convert --input resnet50_ibn_a.pth.tar --output r50_ibn_a.msgpack \\
-      --arch resnet --depth 50 --ibn
-  # the same ImageNet weights as the start of an ABMT network (max branch's layer4 copied
-  # from layer4, the extra bottleneck, necks and classifiers freshly initialised; --seed)
-  python -m jaxreid.convert --input resnet50-0676ba61.pth --output abmt_r50.msgpack \\
-      --arch abmt --depth 50
-  # a released / trained MMT model (`module.base.N...`, `module.feat_bn.*`, `module.classifier.*`)
-  python -m jaxreid.convert --input model_best.pth.tar --output mmt.msgpack \\
-      --arch resnet --depth 50 [--ibn] --format mmt --num-classes 1024
-  # a released / trained ABMT model (`module.base.N`, `global_branch`, `max_branch.0/.1`,
-  # `feat_bn(_max)`, `classifier(_max)`)
-  python -m jaxreid.convert --input model_best.pth.tar --output abmt.msgpack \\
-      --arch abmt --depth 50 [--ibn] --format abmt --num-classes 1024
+`convert_state_dict(state_dict, model, fmt)` maps a flat state dict onto a model's variables;
+`--format auto` / `fmt='auto'` (default) recognises the layouts (torchvision, IBN-Net, MMT, ABMT,
+torchreid OSNet, torchvision MobileNetV2) from the key names (`detect_format`).
 
-`--format auto` (default) recognises the four layouts from the key names. Read the result with
-`load_converted(path)` (optionally checked against a model).
+Why one long module: the safe unpickler (an allow-list of the few globals a torch file needs,
+both the zip and the legacy format) and the key mappings of six published layouts are one
+concern, reading someone else's file, and are tested together against real files.
 
 Safety: `load_torch_checkpoint` never imports torch and never calls `torch.load`. It reads the
 zip format (torch >= 1.6) or the legacy format (older releases such as the IBN-Net one) with a
@@ -42,7 +31,6 @@ neck's bias is frozen at 0 in the reference (jaxreid's neck has none): a non-zer
 
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import os
@@ -78,7 +66,8 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 
 class ConversionError(ValueError):
-  """The checkpoint's keys / shapes do not match the requested architecture."""
+  """Weights (a PyTorch checkpoint or the project's .msgpack, `jaxreid.checkpoint`) that cannot
+  be read or whose keys / shapes do not match the requested architecture."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,7 +591,8 @@ def _transform(value: np.ndarray, leaf: str) -> np.ndarray:
   return np.ascontiguousarray(value.astype(np.float32))
 
 
-def _describe(model) -> str:
+def describe_model(model) -> str:
+  """'ReIDNet(depth=50, width=64, ibn=False, num_classes=1024)', for messages."""
   if model.backbone != 'resnet':
     return f'{type(model).__name__}(backbone={model.backbone}, num_classes={model.num_classes})'
   return (
@@ -624,6 +614,16 @@ def _listing(title, items, limit=30):
   return f'\n  {title} ({len(items)}):\n    {shown}{more}'
 
 
+def mismatch_message(what: str, model, missing, unexpected, misshaped) -> str:
+  """'<what> does not match <model>:' and the missing / unexpected / mis-shaped keys, listed."""
+  return (
+      f'{what} does not match {describe_model(model)}:'
+      + _listing('missing', missing)
+      + _listing('unexpected', unexpected)
+      + _listing('mis-shaped', misshaped)
+  )
+
+
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray],
     model,
@@ -636,12 +636,13 @@ def convert_state_dict(
 
   Raises ConversionError listing missing, unexpected and mis-shaped keys. Tensors the format does
   not have (neck / classifier for ImageNet backbones, ABMT's extra bottleneck) come from
-  `models.init_variables(model, seed)` (model.init's distributions). `report`, if given,
+  `numpy_init.init_variables(model, seed)` (model.init's distributions). `report`, if given,
   receives 'format' and the lists 'loaded', 'fresh', 'ignored'.
   """
   from flax import traverse_util
 
   from jaxreid import models
+  from jaxreid import numpy_init
 
   state_dict = {
       k[len('module.') :] if k.startswith('module.') else k: v for k, v in state_dict.items()
@@ -738,13 +739,12 @@ def convert_state_dict(
       unexpected.append(f'{k} {tuple(state_dict[k].shape)}')
   if missing or unexpected or misshaped:
     raise ConversionError(
-        f'checkpoint (format {fmt}) does not match {_describe(model)}:'
-        + _listing('missing', missing)
-        + _listing('unexpected', unexpected)
-        + _listing('mis-shaped', misshaped)
+        mismatch_message(f'checkpoint (format {fmt})', model, missing, unexpected, misshaped)
     )
   if fresh_paths:
-    out.update(traverse_util.flatten_dict(models.init_variables(model, seed, paths=fresh_paths)))
+    out.update(
+        traverse_util.flatten_dict(numpy_init.init_variables(model, seed, paths=fresh_paths))
+    )
   if report is not None:
     report.update(
         format=fmt, loaded=loaded, fresh=['/'.join(p) for p in fresh_paths], ignored=ignored
@@ -760,19 +760,6 @@ def convert_checkpoint(
   return convert_state_dict(sd, model, fmt, seed=seed, report=report)
 
 
-def save_converted(path: str, variables: Mapping) -> None:
-  """flax msgpack of `{'params', 'batch_stats'}` (numpy float32 leaves); no pickle."""
-  from flax import serialization
-  import jax
-
-  tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  data = serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, tree))
-  tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def is_torch_file(path: str) -> bool:
   """A `torch.save` file: a zip (torch >= 1.6) or a legacy pickle (PROTO opcode 0x80 first;
   the project's msgpack of {params, batch_stats} starts with 0x82, a two-entry map)."""
@@ -782,142 +769,7 @@ def is_torch_file(path: str) -> bool:
     return f.read(1) == b'\x80'
 
 
-def load_weights(
-    path: str,
-    model,
-    *,
-    key: str = 'weights',
-    drop_classifier: bool = False,
-    report: dict | None = None,
-) -> dict:
-  """Variables for `model` from a `.msgpack` (`save_converted`) or a PyTorch file (any format
-  `convert_state_dict` knows, converted on the fly, nothing executed). Every problem is one
-  `ConversionError` naming `key`, the file and what to do. `drop_classifier`: PyTorch
-  classifiers are left out (fresh rows) and a msgpack's classifier width is not checked."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise ConversionError(f'{key}={path!r} does not exist')
-  try:
-    if is_torch_file(path):
-      sd = extract_state_dict(load_torch_checkpoint(path))
-      if drop_classifier:
-        sd = {k: v for k, v in sd.items() if not k.split('.')[0].startswith('classifier')}
-      return convert_state_dict(sd, model, report=report)
-    return load_converted(path, model, check_classifier_width=not drop_classifier)
-  except (ConversionError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
-    raise ConversionError(f'{key}={path!r}: {e}') from None
+if __name__ == '__main__':  # `python -m jaxreid.convert`: the command line is jaxreid.tools.convert
+  from jaxreid.tools import convert as _tool
 
-
-def load_converted(path: str, model=None, check_classifier_width: bool = True) -> dict:
-  """Reads `save_converted`'s file. With `model`, checks every variable's path and shape (the
-  classifiers' width too unless `check_classifier_width=False`)."""
-  from flax import serialization
-  from flax import traverse_util
-
-  with open(path, 'rb') as f:
-    try:
-      variables = serialization.msgpack_restore(f.read())
-    except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
-      raise ConversionError(
-          f'{path}: not a jaxreid .msgpack weight file nor a PyTorch file '
-          f'({type(e).__name__}: {e})'
-      ) from None
-  if (
-      not isinstance(variables, dict)
-      or set(variables) - {'params', 'batch_stats'}
-      or 'params' not in variables
-  ):
-    raise ConversionError(f'{path}: expected a msgpack of {{params, batch_stats}}')
-  if model is not None:
-    from jaxreid import models
-
-    want = traverse_util.flatten_dict(models.abstract_variables(model, 64, 64))
-    have = traverse_util.flatten_dict(variables)
-    missing = ['/'.join(p) for p in sorted(set(want) - set(have))]
-    unexpected = ['/'.join(p) for p in sorted(set(have) - set(want))]
-    misshaped = [
-        f'{"/".join(p)}: {have[p].shape} vs {tuple(want[p].shape)}'
-        for p in sorted(set(want) & set(have))
-        if have[p].shape != tuple(want[p].shape)
-        and (check_classifier_width or not p[1].endswith('classifier'))
-    ]
-    if missing or unexpected or misshaped:
-      raise ConversionError(
-          f'{path} does not match {_describe(model)}:'
-          + _listing('missing', missing)
-          + _listing('unexpected', unexpected)
-          + _listing('mis-shaped', misshaped)
-      )
-  return variables
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m jaxreid.convert', description=__doc__.split('\n')[0])
-  p.add_argument('--input', required=True, help='PyTorch checkpoint (.pth / .pth.tar)')
-  p.add_argument('--output', required=True, help='output .msgpack ({params, batch_stats})')
-  p.add_argument('--arch', choices=('resnet', 'abmt'), default='resnet')
-  p.add_argument('--depth', type=int, default=50)
-  p.add_argument('--width', type=int, default=64)
-  p.add_argument('--ibn', action='store_true', help='IBN-ResNet-a')
-  p.add_argument(
-      '--stem-relu',
-      choices=('auto', 'true', 'false'),
-      default='auto',
-      help='auto: False for plain ResNet (MMT/ABMT), True for IBN-a',
-  )
-  p.add_argument('--last-stride', type=int, default=1)
-  p.add_argument(
-      '--num-classes',
-      type=int,
-      default=1024,
-      help='classifier width (a checkpoint classifier fills its first rows)',
-  )
-  p.add_argument('--format', choices=FORMATS, default='auto')
-  p.add_argument('--seed', type=int, default=0, help='for freshly initialised parts')
-  p.add_argument(
-      '--backbone',
-      default='auto',
-      help="'auto' (read off the checkpoint), 'resnet', 'osnet_x0_25' .. "
-      "'osnet_x1_0', 'mobilenetv2'",
-  )
-  args = p.parse_args(argv)
-
-  from jaxreid import models
-
-  report = {}
-  try:
-    sd = extract_state_dict(load_torch_checkpoint(args.input))
-    fmt = detect_format(sd) if args.format == 'auto' else args.format
-    backbone = checkpoint_backbone(sd, fmt) if args.backbone == 'auto' else args.backbone
-    model = models.create_model(
-        arch=args.arch,
-        backbone=backbone,
-        depth=args.depth,
-        width=args.width,
-        ibn=args.ibn,
-        stem_relu={'auto': None, 'true': True, 'false': False}[args.stem_relu],
-        last_stride=args.last_stride,
-        num_classes=args.num_classes,
-    )
-    variables = convert_state_dict(sd, model, fmt, seed=args.seed, report=report)
-  except (ConversionError, pickle.UnpicklingError, OSError, zipfile.BadZipFile, ValueError) as e:
-    print(f'error: {args.input}: {e}', file=sys.stderr)
-    return 1
-  save_converted(args.output, variables)
-  print(
-      f'{args.input} (format {report["format"]}) -> {args.output}: {_describe(model)}; '
-      f'{len(report["loaded"])} tensors loaded, {len(report["fresh"])} freshly initialised, '
-      f'{len(report["ignored"])} ignored'
-  )
-  if report['fresh']:
-    parts = sorted({'/'.join(k.split('/')[1:-1][:2]) for k in report['fresh']})
-    print(f'  freshly initialised (seed {args.seed}): ' + ', '.join(parts))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(_tool.main())

@@ -1,24 +1,15 @@
-"""Evaluate a trained model on a data set's query / gallery split under the standard protocol.
+"""Evaluating a trained model on a data set's query / gallery split under the standard protocol.
 
-  python -m jaxreid.evaluate --model=workdirs/mmt_duke_to_market --data=market1501 \\
-      --data_root=/data/Market-1501 [--rerank] [--export_features=feats/] [--batch_size=256]
-
-`--model` is a work dir (its `model.msgpack` and `config.json`) or a `.msgpack` file (its
-config.json is looked for next to it and in the parent folder). Without a config.json the
-architecture is read off the weights' shapes and the input size defaults to 256x128; `--arch`,
-`--depth`, `--width`, `--ibn`, `--height`, `--img_width` override either. The protocol is the
-Market one (same identity *and* camera removed from each query's gallery; mAP and CMC rank-k),
-as during training (`jaxreid.retrieval.evaluate`). A Market-layout folder needs only `query/` and
-`bounding_box_test/` here (no training images).
+`load_test_splits` reads a data set's test splits (a Market-layout folder needs only `query/` and
+`bounding_box_test/`), `evaluate_model` extracts the features of a loaded model
+(`inference.load_model`) and computes the Market protocol's mAP and CMC rank-k as during training
+(`jaxreid.retrieval.evaluate`), `results_table` prints them. The command line is
+`jaxreid-evaluate` (`jaxreid.tools.evaluate`, also `python -m jaxreid.evaluate`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 
 import numpy as np
 
@@ -105,94 +96,9 @@ def results_table(results: dict) -> str:
   return '\n'.join([head, rule, row, note])
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog='python -m jaxreid.evaluate',
-      description=__doc__.split('\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog=__doc__.split('\n', 1)[1],
-  )
-  p.add_argument('--model', required=True, help='work dir of a finished run, or a .msgpack')
-  p.add_argument(
-      '--data',
-      required=True,
-      help='data set name: market1501 (any Market-layout folder), dukemtmc, msmt17, '
-      'msmt17_v2, synthetic_a, synthetic_b',
-  )
-  p.add_argument(
-      '--data_root',
-      default='',
-      help='the data set folder ($JAXREID_DATA/<name> '
-      'when empty; not needed for synthetic sets)',
-  )
-  p.add_argument(
-      '--rerank',
-      action='store_true',
-      help='k-reciprocal re-ranking (k1=20, k2=6, ' 'lambda=0.3) before the metrics',
-  )
-  p.add_argument(
-      '--export_features',
-      default='',
-      metavar='DIR',
-      help='write query/gallery features (.npy), their paths / pids / camids (.json) '
-      'and results.json into DIR',
-  )
-  p.add_argument('--batch_size', type=int, default=256, help='images per feature batch')
-  inference.add_model_flags(p)
-  return p
+if (
+    __name__ == '__main__'
+):  # `python -m jaxreid.evaluate`: the command line is jaxreid.tools.evaluate
+  from jaxreid.tools import evaluate as _tool
 
-
-def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  if args.batch_size < 1:
-    print('error: --batch_size must be positive', file=sys.stderr)
-    return 2
-  try:
-    loaded = inference.load_model(args.model, inference.model_overrides(args))
-    print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
-    query, gallery, desc = load_test_splits(args.data, args.data_root, loaded.config)
-    if len(query) == 0 or len(gallery) == 0:
-      raise DataError(
-          f'{desc}: {len(query)} query and {len(gallery)} gallery images; both are ' 'needed'
-      )
-    print(
-        f'data: {desc}: {len(query)} queries ({query.num_pids} ids), {len(gallery)} gallery '
-        f'images ({gallery.num_pids} ids)',
-        flush=True,
-    )
-    t0 = time.time()
-    results, qf, gf = evaluate_model(
-        loaded, query, gallery, batch_size=args.batch_size, rerank=args.rerank
-    )
-  except (inference.InferenceError, DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except ValueError as e:  # e.g. no query with a true match in another camera
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(
-      f'features and metrics in {time.time() - t0:.1f}s'
-      f'{" (re-ranked)" if args.rerank else ""}\n'
-  )
-  print(results_table(results))
-  if args.export_features:
-    extra = {'model': os.path.abspath(loaded.weights_path), 'data': desc}
-    written = inference.export_features(
-        args.export_features,
-        {
-            'query': dict(features=qf, paths=query.paths, pids=query.pids, camids=query.camids),
-            'gallery': dict(
-                features=gf, paths=gallery.paths, pids=gallery.pids, camids=gallery.camids
-            ),
-        },
-        extra,
-    )
-    res_path = os.path.join(args.export_features, 'results.json')
-    with open(res_path, 'w') as f:
-      json.dump({**results, 'rerank': args.rerank, **extra}, f, indent=2)
-    print('\nwrote ' + ', '.join(written + [res_path]))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(_tool.main())

@@ -1,23 +1,22 @@
-"""Export a jaxreid model back to PyTorch, for the tools that use torchreid / torchvision networks
-(trackers such as StrongSORT / BoxMOT ship a torchreid OSNet):
+"""A jaxreid model back in PyTorch, for the tools that use torchreid / torchvision networks
+(trackers such as StrongSORT / BoxMOT ship a torchreid OSNet).
 
-  python -m jaxreid.export --model=WORKDIR --format=torchreid --out=osnet_adapted.pth
-  python -m jaxreid.export --model=WORKDIR --format=torchvision --out=mobilenetv2_adapted.pth
-
+`torch_state_dict(model, variables, fmt)` gives the state dict and loading notes:
 torchreid (OSNet): the state dict of `torchreid.models.osnet_x0_25(num_classes=K)` (the variant
-and K are printed); `load_state_dict(..., strict=True)` accepts it and the network's eval output
-is jaxreid's feature before L2 normalisation (the classifier holds the cluster centroids, bias 0).
-torchvision (MobileNetV2): the state dict of `torchvision.models.mobilenet_v2(num_classes=1280)`
-whose classifier Linear is jaxreid's BN neck folded into a diagonal matrix and a bias, so
-`model(x)` is jaxreid's feature before L2 normalisation. A model trained with last stride 1 needs
-`model.features[14].conv[1][0].stride = (1, 1)` after loading (printed).
-An ABMT network exports one branch with `--branch=avg` (a plain OSNet / MobileNetV2; the max
-branch has an extra block no PyTorch twin has). Writing needs PyTorch installed.
+and K are in the notes); `load_state_dict(..., strict=True)` accepts it and the network's eval
+output is jaxreid's feature before L2 normalisation (the classifier holds the cluster centroids,
+bias 0). torchvision (MobileNetV2): the state dict of
+`torchvision.models.mobilenet_v2(num_classes=1280)` whose classifier Linear is jaxreid's BN neck
+folded into a diagonal matrix and a bias, so `model(x)` is jaxreid's feature before L2
+normalisation. A model trained with last stride 1 needs `model.features[14].conv[1][0].stride =
+(1, 1)` after loading (in the notes). An ABMT network exports one branch (`single_branch(...,
+'avg')`: a plain OSNet / MobileNetV2; the max branch has an extra block no PyTorch twin has).
+`save_torch` writes the file (needs PyTorch installed). The command line is `jaxreid-export`
+(`jaxreid.tools.export`, also `python -m jaxreid.export`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,7 +24,6 @@ from flax import traverse_util
 import numpy as np
 
 from jaxreid import convert
-from jaxreid import inference
 from jaxreid import models
 
 FORMATS = {'torchreid': 'osnet', 'torchvision': 'mobilenetv2'}
@@ -143,33 +141,7 @@ def save_torch(path: str, state_dict: dict) -> None:
   os.replace(tmp, path)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m jaxreid.export', description=__doc__.split('\n')[0])
-  p.add_argument('--model', required=True, help='work dir of a finished run, or a .msgpack')
-  p.add_argument('--format', required=True, choices=sorted(FORMATS))
-  p.add_argument('--out', required=True, help='output PyTorch file (.pth)')
-  p.add_argument(
-      '--branch', choices=('avg',), default=None, help='ABMT networks: the branch to export'
-  )
-  args = p.parse_args(argv)
-  try:
-    loaded = inference.load_model(args.model)
-    model, variables = loaded.model, loaded.variables
-    if isinstance(model, models.ABMTNet) and args.branch:
-      variables = single_branch(variables, args.branch)
-      model = models.create_model({f: getattr(model, f) for f in models.MODEL_FIELDS})
-    sd, notes = torch_state_dict(model, variables, args.format)
-    if os.path.abspath(args.out) == os.path.abspath(loaded.weights_path):
-      raise ExportError('--out would overwrite the model itself; choose another file')
-    save_torch(args.out, sd)
-  except (ExportError, inference.InferenceError, convert.ConversionError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(f'{args.model} -> {args.out} ({args.format}, {model.backbone}, {len(sd)} tensors)')
-  for note in notes:
-    print(f'  {note}')
-  return 0
+if __name__ == '__main__':  # `python -m jaxreid.export`: the command line is jaxreid.tools.export
+  from jaxreid.tools import export as _tool
 
-
-if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(_tool.main())

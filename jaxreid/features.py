@@ -19,8 +19,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from jaxreid import distributed
 from jaxreid import input_pipeline
 from jaxreid.metrics_writer import Ticker
+from jaxreid.retrieval.distances import paired_distance
 
 
 def make_embed_fn(model, mesh: Mesh | None = None) -> Callable:
@@ -41,8 +43,13 @@ def make_embed_fn(model, mesh: Mesh | None = None) -> Callable:
   if mesh is None:
     return jax.jit(embed)
   batch_sharding = NamedSharding(mesh, P('data'))
-  return jax.jit(
-      embed, in_shardings=(NamedSharding(mesh, P()), batch_sharding), out_shardings=batch_sharding
+  # Several processes: the features are gathered on every device, so each host can read them all.
+  out = batch_sharding if jax.process_count() == 1 else NamedSharding(mesh, P())
+  embed_fn = jax.jit(
+      embed, in_shardings=(NamedSharding(mesh, P()), batch_sharding), out_shardings=out
+  )
+  return lambda variables_list, images: embed_fn(
+      variables_list, distributed.put(images, batch_sharding)
   )
 
 
@@ -100,10 +107,7 @@ def mean_feature_distance(a: np.ndarray, b: np.ndarray) -> float:
   and they stop correcting each other's pseudo-label errors); ABMT's asymmetric branches are meant
   to stay apart. Identical networks give exactly 0.
   """
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.shape != b.shape:
-    raise ValueError(f'feature shapes differ: {a.shape} vs {b.shape}')
-  return float(np.mean(np.linalg.norm(a - b, axis=1)))
+  return float(np.mean(paired_distance(a, b)))
 
 
 def branch_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

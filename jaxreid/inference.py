@@ -1,19 +1,20 @@
 """Using a trained model outside training: find its config, build it, load its weights, read images.
 
-Shared by `jaxreid.evaluate` (a data set under the standard protocol) and `jaxreid.search` (any
-folder of images). A model is given either as a work dir (`<workdir>/model.msgpack`, written by
-every finished run) or as a `.msgpack` file (a run's, a pre-training's
-`<workdir>/pretrain_seed{s}/model.msgpack`, or one made by `jaxreid.convert`). Its architecture
-and input size come from the `config.json` of the run that wrote it (in the same folder or the
-parent folder); without one they are read off the weights' shapes, and explicit overrides win in
-both cases. Weights are always checked path by path and shape by shape, so a checkpoint of another
+Shared by `jaxreid.evaluate` (a data set under the standard protocol), `jaxreid.search` (any
+folder of images) and `jaxreid.export`, and by their command lines (`jaxreid.tools`, whose model
+flags become `load_model`'s overrides). A model is given either as a work dir
+(`<workdir>/model.msgpack`, written by every finished run) or as a `.msgpack` file (a run's, a
+pre-training's `<workdir>/pretrain_seed{s}/model.msgpack`, or one made by `jaxreid-convert`; the
+format is `jaxreid.checkpoint`'s) or a PyTorch file (converted in memory). Its architecture and
+input size come from the `config.json` of the run that wrote it (in the same folder or the parent
+folder); without one they are read off the weights' shapes, and explicit overrides win in both
+cases. Weights are always checked path by path and shape by shape, so a checkpoint of another
 architecture fails with what does not match and the flags that would fit it, instead of loading
 garbage or crashing deep inside `apply`.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import dataclasses
 import json
@@ -27,6 +28,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from jaxreid import checkpoint
 from jaxreid import convert
 from jaxreid import features as features_lib
 from jaxreid import input_pipeline
@@ -231,15 +233,10 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
   if convert.is_torch_file(weights_path):
     return _load_torch_model(weights_path, overrides)
   try:
-    with open(weights_path, 'rb') as f:
-      from flax import serialization
-
-      raw = serialization.msgpack_restore(f.read())
-    if not isinstance(raw, dict) or 'params' not in raw:
-      raise ValueError('no params collection')
-  except Exception as e:  # noqa: BLE001 - any decoding failure means "not our format"
+    raw = checkpoint.read_weights(weights_path)
+  except (convert.ConversionError, OSError) as e:
     raise InferenceError(
-        f'cannot read weights {weights_path}: {e}. Expected a jaxreid model.msgpack (written by a '
+        f'cannot read weights: {e}. Expected a jaxreid model.msgpack (written by a '
         'finished run, by pre-training, or by `python -m jaxreid.convert`)'
     ) from None
   guess = guess_architecture(raw)
@@ -287,7 +284,7 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
     raise InferenceError(f'input size {height}x{width} is too small (at least 16x16)')
 
   try:
-    variables = convert.load_converted(weights_path, model)
+    checkpoint.check_weights(raw, model, weights_path)
   except convert.ConversionError as e:
     hint = ''
     if guess is not None:
@@ -305,7 +302,7 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
     ) from None
   return LoadedModel(
       model=model,
-      variables=variables,
+      variables=raw,
       height=height,
       width=width,
       weights_path=weights_path,
@@ -343,31 +340,6 @@ def _load_torch_model(path: str, overrides: Mapping[str, Any]) -> LoadedModel:
       config_path=None,
       config={},
       source=f"the PyTorch file's keys (format {fmt}, converted in memory)",
-  )
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-  """Architecture / input-size flags shared by the command lines (evaluate, search)."""
-  g = p.add_argument_group('model overrides (replace config.json / what the weights imply)')
-  g.add_argument('--arch', choices=('resnet', 'abmt'), default=None)
-  g.add_argument('--backbone', choices=models.BACKBONES, default=None)
-  g.add_argument('--depth', type=int, default=None)
-  g.add_argument('--width', type=int, default=None, help='network width (64 = standard ResNet)')
-  g.add_argument('--ibn', action=argparse.BooleanOptionalAction, default=None, help='IBN-ResNet-a')
-  g.add_argument('--height', type=int, default=None, help='input height (default 256)')
-  g.add_argument('--img_width', type=int, default=None, help='input width (default 128)')
-
-
-def model_overrides(args) -> dict:
-  """`add_model_flags`' values as `load_model` overrides (unset flags are None: ignored)."""
-  return dict(
-      arch=args.arch,
-      backbone=args.backbone,
-      depth=args.depth,
-      width=args.width,
-      ibn=args.ibn,
-      height=args.height,
-      img_width=args.img_width,
   )
 
 

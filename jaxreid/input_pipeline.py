@@ -12,6 +12,8 @@ per epoch, on the host.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
+import functools
 import os
 import sys
 import time
@@ -22,7 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from jaxreid import distributed
+from jaxreid.data import ReidDataset
+from jaxreid.data import load_dataset
 from jaxreid.data.readers import DataError
+from jaxreid.metrics_writer import log
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,7 +92,7 @@ def decode_images(
       out[i] = _load(paths[i], height, width)
     return e - s
 
-  show = progress and n >= PROGRESS_MIN_IMAGES
+  show = progress and n >= PROGRESS_MIN_IMAGES and distributed.is_primary()
   t0, done, next_report = time.time(), 0, 0.1
 
   def tick(k: int):
@@ -318,3 +324,54 @@ def pk_epoch_indices(
   groups = np.take_along_axis(groups, perm[..., None], 1)
   seq = idx_s[groups.reshape(M, pass_len)[:, :usable]].reshape(-1)[:total]
   return seq.reshape(iters, batch_size).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# A data set decoded once
+
+
+@dataclasses.dataclass
+class DecodedSet:
+  """A data set with every split decoded once into uint8 arrays (docs/reference.md section 3)."""
+
+  dataset: ReidDataset
+  train: np.ndarray
+  query: np.ndarray
+  gallery: np.ndarray
+
+  @functools.cached_property
+  def test_images(self) -> np.ndarray:
+    """Query then gallery images, concatenated once (evaluations reuse it)."""
+    return np.concatenate([self.query, self.gallery])
+
+
+def load_and_decode(
+    name: str, root: str | None, height: int, width: int, *, synthetic: dict | None = None
+) -> DecodedSet:
+  kwargs = dict(synthetic or {}) if name.startswith('synthetic') else {}
+  if distributed.is_primary():  # the synthetic world is generated once, by process 0
+    dataset = load_dataset(name, root or None, **kwargs)
+  distributed.sync(f'dataset {name}')
+  if not distributed.is_primary():
+    dataset = load_dataset(name, root or None, **kwargs)
+  log(
+      f'[data] {name}: {len(dataset.train.pids)} train images of {dataset.num_train_pids} ids, '
+      f'{len(dataset.query.pids)} queries, {len(dataset.gallery.pids)} gallery ({dataset.root})'
+  )
+
+  def decode(split):  # each process decodes its share of the images (one share: all)
+    return distributed.gather_rows(
+        lambda a, b: decode_images(split.paths[a:b], height, width), len(split.paths)
+    )
+
+  return DecodedSet(dataset, decode(dataset.train), decode(dataset.query), decode(dataset.gallery))
+
+
+def dataset_root(config, which: str) -> str | None:
+  root = config.data.get(f'{which}_root', '')
+  name = config.data[which]
+  if root:
+    return root
+  if config.data.get('root', '') and not name.startswith('synthetic'):
+    return os.path.join(config.data.root, name)
+  return None

@@ -31,6 +31,10 @@ def bn_scale_init_abmt(key, shape, dtype=jnp.float32):
   return (1.0 + 0.02 * jax.random.normal(key, shape)).astype(dtype)
 
 
+# Initialisers of ABMT's extra block, whatever the backbone (docs/reference.md sections 1, 8).
+EXTRA_BLOCK_INIT = {'kernel_init': conv_init_fan_in, 'bn_scale_init': bn_scale_init_abmt}
+
+
 def to_dtype(dtype) -> Dtype:
   if isinstance(dtype, str):
     return {
@@ -145,6 +149,26 @@ class InstanceNorm(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Convolutions
+
+
+def batch_norm(
+    name: str,
+    train: bool,
+    dtype: Dtype = jnp.float32,
+    group_size: int = 0,
+    scale_init: Callable = nn.initializers.ones,
+    use_bias: bool = True,
+) -> BatchNorm:
+  """A `BatchNorm` in train (batch statistics) or eval (running statistics) mode: the one way
+  every network here builds one."""
+  return BatchNorm(
+      use_running_average=not train,
+      use_bias=use_bias,
+      dtype=dtype,
+      group_size=group_size,
+      scale_init=scale_init,
+      name=name,
+  )
 
 
 def conv2d(
@@ -271,11 +295,5 @@ class ConvBN(nn.Module):
       x = conv2d(
           self.features, self.kernel, self.stride, self.pad, self.dtype, self.kernel_init, 'conv'
       )(x)
-    x = BatchNorm(
-        use_running_average=not train,
-        dtype=self.dtype,
-        name='bn',
-        group_size=self.norm_group_size,
-        scale_init=self.bn_scale_init,
-    )(x)
+    x = batch_norm('bn', train, self.dtype, self.norm_group_size, self.bn_scale_init)(x)
     return ACTIVATIONS[self.act](x)

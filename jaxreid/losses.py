@@ -23,7 +23,7 @@ a P x K sampler never produces, or for numerical robustness:
 * An anchor without any negative (every valid sample has its label) is *excluded* from the triplet
   means; the reference keeps it (its negative distance becomes d + 9999999, so it adds ~0 to the
   softmax-triplet mean but a huge value to the soft softmax-triplet). The count of anchors actually
-  used is available as `num_triplet_anchors` (reported by the objectives as `anchors/<term>`).
+  used is available as `num_triplet_anchors` (logged by the methods' losses as `anchors`).
 * Noise samples (label < 0) are excluded; the reference never feeds them to the losses at all (they
   are dropped from the epoch's data), so this only matters for padded / noisy batches.
 * `pairwise_distance(x)` (one argument) sets the diagonal to exactly the clamp value sqrt(1e-12) =
@@ -144,7 +144,9 @@ def pairwise_distance(x, y=None):
     d_ij = sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i . y_j, 1e-12)).
 
   With `y=None` the distances are among the rows of `x` and the diagonal is exactly 1e-6 (the
-  reference's value in exact arithmetic; see the module docstring).
+  reference's value in exact arithmetic; see the module docstring). It is separate from
+  `jaxreid.retrieval.distances` on purpose: it is traced inside the differentiated losses (sqrt,
+  clamp and diagonal as the reference's training loss, float64 under x64 for gradient checks).
 
   Args:
     x: (B, D) floating.

@@ -16,6 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
+from jaxreid import distributed
+
 
 def _plain(value: Any):
   """JSON-safe scalars (numpy / jax values -> python; non-finite floats -> None)."""
@@ -34,9 +36,12 @@ class MetricsWriter:
   """Appends records to `<workdir>/metrics.jsonl` and mirrors scalars to TensorBoard."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self._enabled = distributed.is_primary()  # several processes: process 0 writes
+    self._tb = None
+    if not self._enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = None
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -46,6 +51,8 @@ class MetricsWriter:
         self._tb = None
 
   def write(self, stage: str, step: int, record: Mapping[str, Any]) -> None:
+    if not self._enabled:
+      return
     record = {'stage': stage, 'step': int(step), 'time': time.time(), **_plain(dict(record))}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
@@ -132,5 +139,7 @@ class Ticker:
 
 
 def log(message: str) -> None:
+  if not distributed.is_primary():  # several processes: process 0 speaks for all
+    return
   print(message, flush=True)
   sys.stdout.flush()

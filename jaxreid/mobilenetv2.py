@@ -22,10 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxreid.layers import EXTRA_BLOCK_INIT
 from jaxreid.layers import ConvBN
 from jaxreid.layers import Dtype
-from jaxreid.layers import bn_scale_init_abmt
-from jaxreid.layers import conv_init_fan_in
 from jaxreid.layers import conv_init_fan_out
 
 Array = jax.Array
@@ -112,15 +111,7 @@ class MobileNetV2Trunk(nn.Module):
         x = InvertedResidual(cout, t, stride, **kw, name=f'features_{i}')(x, train)
     if 4 in self.stages:
       if self.extra_block:
-        x = InvertedResidual(
-            x.shape[-1],
-            6,
-            1,
-            **kw,
-            kernel_init=conv_init_fan_in,
-            bn_scale_init=bn_scale_init_abmt,
-            name='extra',
-        )(x, train)
+        x = InvertedResidual(x.shape[-1], 6, 1, **kw, **EXTRA_BLOCK_INIT, name='extra')(x, train)
       x = ConvBN(FEATURE_DIM, act='relu6', **kw, name='features_18')(x, train)
     return x
 

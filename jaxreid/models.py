@@ -38,17 +38,15 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxreid import mobilenetv2
 from jaxreid import osnet
-from jaxreid.layers import BatchNorm
+from jaxreid.layers import EXTRA_BLOCK_INIT
 from jaxreid.layers import Dtype
 from jaxreid.layers import InstanceNorm
-from jaxreid.layers import bn_scale_init_abmt
+from jaxreid.layers import batch_norm
 from jaxreid.layers import classifier_init
 from jaxreid.layers import conv2d
-from jaxreid.layers import conv_init_fan_in
 from jaxreid.layers import conv_init_fan_out
 from jaxreid.layers import l2_normalize
 from jaxreid.layers import to_dtype as _to_dtype
@@ -80,12 +78,7 @@ class IBN(nn.Module):
   def __call__(self, x: Array) -> Array:
     half = self.planes // 2
     a = InstanceNorm(dtype=self.dtype, name='IN')(x[..., :half])
-    b = BatchNorm(
-        use_running_average=self.use_running_average,
-        dtype=self.dtype,
-        group_size=self.group_size,
-        name='BN',
-    )(x[..., half:])
+    b = batch_norm('BN', not self.use_running_average, self.dtype, self.group_size)(x[..., half:])
     return jnp.concatenate([a, b], axis=-1)
 
 
@@ -111,13 +104,7 @@ class ResidualBlock(nn.Module):
     out_ch = self.planes * exp
 
     def bn(name):
-      return BatchNorm(
-          use_running_average=not train,
-          dtype=self.dtype,
-          name=name,
-          group_size=self.norm_group_size,
-          scale_init=self.bn_scale_init,
-      )
+      return batch_norm(name, train, self.dtype, self.norm_group_size, self.bn_scale_init)
 
     def conv(features, kernel, stride, pad, name):
       return conv2d(features, kernel, stride, pad, self.dtype, self.kernel_init, name)
@@ -169,12 +156,7 @@ class ResNetTrunk(nn.Module):
     x = x.astype(self.dtype)
     if 0 in self.stages:
       x = conv2d(self.width, 7, 2, 3, self.dtype, conv_init_fan_out, 'conv1')(x)
-      x = BatchNorm(
-          use_running_average=not train,
-          dtype=self.dtype,
-          group_size=self.norm_group_size,
-          name='bn1',
-      )(x)
+      x = batch_norm('bn1', train, self.dtype, self.norm_group_size)(x)
       if self.stem_relu:
         x = nn.relu(x)
       # -inf padding (Flax pools pad with the reduction's init value), as nn.MaxPool2d(3, 2, 1).
@@ -208,8 +190,7 @@ def _extra_block(channels, dtype, norm_group_size, name=None):
       1,
       dtype=dtype,
       norm_group_size=norm_group_size,
-      kernel_init=conv_init_fan_in,
-      bn_scale_init=bn_scale_init_abmt,
+      **EXTRA_BLOCK_INIT,
       name=name,
   )
 
@@ -227,13 +208,7 @@ def global_pool(x: Array, pooling: str) -> Array:
 
 
 def _neck(name, train, group_size):
-  return BatchNorm(
-      use_running_average=not train,
-      use_bias=False,
-      dtype=jnp.float32,
-      group_size=group_size,
-      name=name,
-  )
+  return batch_norm(name, train, jnp.float32, group_size, use_bias=False)
 
 
 def _classifier(name, num_classes):
@@ -502,49 +477,6 @@ def set_classifier_rows(params, centroids) -> Any:
   return out
 
 
-def init_variables(model, seed: int = 0, example=None, paths=None) -> dict:
-  """Fresh variables with the same *distributions* as `model.init` (not the same numbers), drawn
-  with numpy: conv kernels Kaiming-normal fan_out (ABMT's `extra` block: fan_in), BN scales 1
-  (`extra`: N(1, 0.02)), biases / running means 0, running vars 1, classifiers N(0, 0.001).
-  Milliseconds instead of `model.init`'s compilation of threefry sampling for every parameter,
-  which takes tens of seconds on a CPU (also for tiny models). Every leaf has its own stream
-  (seed, path), so `paths` (an iterable of flattened path tuples) can select a subset cheaply and
-  gets the same values as the full call. `example`: an input (array or ShapeDtypeStruct) for
-  modules other than ReIDNet / ABMTNet."""
-  from flax import traverse_util
-
-  if example is None:
-    abstract = abstract_variables(model, 64, 64)
-  else:
-    x = jax.ShapeDtypeStruct(example.shape, example.dtype)
-    abstract = jax.eval_shape(lambda k, x: model.init(k, x), jax.random.key(0), x)
-  flat = traverse_util.flatten_dict(abstract)
-  if paths is not None:
-    flat = {p: flat[p] for p in paths}
-  out = {}
-  for path, spec in flat.items():
-    collection, top, leaf = path[0], path[1], path[-1]
-    rng = np.random.default_rng([seed] + list('/'.join(path).encode()))
-    shape = tuple(spec.shape)
-    extra = 'extra' in path and 'IN' not in path
-    if collection == 'batch_stats':
-      value = np.ones(shape) if leaf == 'var' else np.zeros(shape)
-    elif leaf == 'kernel' and top.endswith('classifier'):
-      value = rng.normal(0.0, 0.001, shape)
-    elif leaf == 'kernel' and len(shape) == 2:  # OSNet's fc Linear (torchreid: N(0, 0.01))
-      value = rng.normal(0.0, 0.01, shape)
-    elif leaf == 'kernel':
-      kh, kw, cin, cout = shape
-      fan = kh * kw * (cin if extra else cout)
-      value = rng.normal(0.0, math.sqrt(2.0 / fan), shape)
-    elif leaf == 'scale':
-      value = 1.0 + 0.02 * rng.normal(size=shape) if extra else np.ones(shape)
-    else:
-      value = np.zeros(shape)
-    out[path] = value.astype(np.float32)
-  return traverse_util.unflatten_dict(out)
-
-
 def count_params(params) -> int:
   """Number of scalars in a pytree (arrays or ShapeDtypeStructs)."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
@@ -554,103 +486,3 @@ def abstract_variables(model, height: int = 256, width: int = 128, batch: int = 
   """Variable shapes without computing anything (`jax.eval_shape` of init)."""
   x = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
   return jax.eval_shape(lambda k, x: model.init(k, x), jax.random.key(0), x)
-
-
-def _jaxpr_macs(jaxpr) -> int:
-  """Multiply-adds of convolutions and matmuls in a (closed) jaxpr, recursing into sub-jaxprs."""
-  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == 'conv_general_dilated':
-      rhs = eqn.invars[1].aval.shape
-      rhs_spec = eqn.params['dimension_numbers'].rhs_spec
-      per_out = rhs[rhs_spec[1]] * math.prod(rhs[d] for d in rhs_spec[2:])
-      total += math.prod(eqn.outvars[0].aval.shape) * per_out
-    elif name == 'dot_general':
-      (lhs_contract, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-        if hasattr(sub, 'eqns') or hasattr(getattr(sub, 'jaxpr', None), 'eqns'):
-          total += _jaxpr_macs(sub)
-  return total
-
-
-def flops_per_image(
-    model, height: int = 256, width: int = 128, train: bool = False, method: str = 'analytic'
-) -> float:
-  """Forward FLOPs per image (batch 1; train mode uses batch 2 and halves). Shapes only: nothing
-  is computed or compiled.
-
-  method='analytic' (default, the convention of published GFLOP numbers): 2 x the multiply-adds of
-  every convolution and matmul in the traced program (`jax.make_jaxpr`), padding positions
-  included; normalisation, activations and pooling are not counted (< 1 %).
-  method='xla': XLA's HLO cost analysis of the lowered, un-optimised program
-  (`jax.jit(apply).lower(...).cost_analysis()['flops']`); it counts elementwise ops too but skips
-  multiply-adds on padding, so it comes out a few % lower for ResNets.
-  """
-  variables = abstract_variables(model, height, width)
-  batch = 2 if train else 1  # training-mode BN needs more than one value per channel at the neck
-  x = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
-  if train:
-
-    def fn(v, x):
-      return model.apply(
-          v, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)}
-      )
-
-  else:
-
-    def fn(v, x):
-      return model.apply(v, x, train=False)
-
-  if method == 'analytic':
-    flops = 2.0 * _jaxpr_macs(jax.make_jaxpr(fn)(variables, x))
-  elif method == 'xla':
-    flops = float(jax.jit(fn).lower(variables, x).cost_analysis()['flops'])
-  else:
-    raise ValueError(f"method must be 'analytic' or 'xla', got {method!r}")
-  return flops / batch
-
-
-REPORT_MODELS = (
-    ('ResNet-18', dict(arch='resnet', depth=18)),
-    ('ResNet-34', dict(arch='resnet', depth=34)),
-    ('ResNet-50', dict(arch='resnet', depth=50)),
-    ('ResNet-101', dict(arch='resnet', depth=101)),
-    ('IBN-ResNet-50-a', dict(arch='resnet', depth=50, ibn=True)),
-    ('ABMT-ResNet-50', dict(arch='abmt', depth=50)),
-)
-
-
-def model_report(
-    height: int = 256, width: int = 128, models=REPORT_MODELS, num_classes: int = 1024
-) -> str:
-  """Printable table: parameters (without / with a `num_classes`-wide classifier), eval-output
-  dim, final map size and forward GFLOPs per image (`flops_per_image`: analytic 2 x MACs, and
-  XLA's cost analysis)."""
-  lines = [
-      f'Models at {height}x{width} (last stride 1), num_classes={num_classes}',
-      f'{"model":<18}{"params (M)":>12}{"+classifier":>13}{"emb dim":>9}{"map":>8}'
-      f'{"GFLOPs fwd":>12}{"(XLA)":>9}',
-  ]
-  for name, kw in models:
-    model = create_model(num_classes=num_classes, **kw)
-    v = abstract_variables(model, height, width)
-    total = count_params(v['params'])
-    cls = sum(count_params(v['params'][k]) for k in v['params'] if k.endswith('classifier'))
-    fmap_h = -(-height // 16)
-    fmap_w = -(-width // 16)
-    gflops = flops_per_image(model, height, width) / 1e9
-    xla = flops_per_image(model, height, width, method='xla') / 1e9
-    lines.append(
-        f'{name:<18}{(total - cls) / 1e6:>12.2f}{total / 1e6:>13.2f}'
-        f'{embedding_dim(model):>9}{f"{fmap_h}x{fmap_w}":>8}{gflops:>12.2f}{xla:>9.2f}'
-    )
-  return '\n'.join(lines)
-
-
-if __name__ == '__main__':
-  print(model_report())

@@ -26,13 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxreid.layers import BatchNorm
+from jaxreid.layers import EXTRA_BLOCK_INIT
 from jaxreid.layers import ConvBN
 from jaxreid.layers import DepthwiseConv
 from jaxreid.layers import Dtype
-from jaxreid.layers import bn_scale_init_abmt
+from jaxreid.layers import batch_norm
 from jaxreid.layers import conv2d
-from jaxreid.layers import conv_init_fan_in
 from jaxreid.layers import conv_init_fan_out
 
 Array = jax.Array
@@ -67,13 +66,7 @@ class _LightConv3x3(nn.Module):
   def __call__(self, x, train=False):
     x = conv2d(self.features, 1, 1, 0, self.dtype, self.kernel_init, 'conv1')(x)
     x = DepthwiseConv(3, 1, 1, self.dtype, self.kernel_init, name='conv2')(x)
-    x = BatchNorm(
-        use_running_average=not train,
-        dtype=self.dtype,
-        name='bn',
-        group_size=self.norm_group_size,
-        scale_init=self.bn_scale_init,
-    )(x)
+    x = batch_norm('bn', train, self.dtype, self.norm_group_size, self.bn_scale_init)(x)
     return nn.relu(x)
 
 
@@ -158,13 +151,7 @@ class OSNetTrunk(nn.Module):
       else:
         x = ConvBN(c[3], **kw, name='conv5')(x, train)
     if self.extra_block:
-      x = OSBlock(
-          x.shape[-1],
-          **kw,
-          kernel_init=conv_init_fan_in,
-          bn_scale_init=bn_scale_init_abmt,
-          name='extra',
-      )(x, train)
+      x = OSBlock(x.shape[-1], **kw, **EXTRA_BLOCK_INIT, name='extra')(x, train)
     return x
 
 
@@ -185,10 +172,5 @@ class OSNetEmbedding(nn.Module):
         param_dtype=jnp.float32,
         name='fc_0',
     )(f.astype(jnp.float32))
-    y = BatchNorm(
-        use_running_average=not train,
-        dtype=jnp.float32,
-        group_size=self.norm_group_size,
-        name='fc_1',
-    )(z)
+    y = batch_norm('fc_1', train, jnp.float32, self.norm_group_size)(z)
     return z, nn.relu(y)

@@ -1,12 +1,15 @@
 """Pictures of a run: training curves from `metrics.jsonl`, run comparisons, retrieval results.
 
-  python -m jaxreid.plots WORKDIR [WORKDIR ...] [--compare=out.png] [--labels=mmt,abmt]
-
 `plot_run(workdir)` redraws `<workdir>/plots/*.png` from the run's metrics file (cheap enough to
 call after every evaluation), `plot_comparison` puts several runs on one figure, and
-`retrieval_figure` draws ranked lists like Figure 5 of the ABMT paper. Curves use matplotlib's
-Agg canvas directly (no pyplot, so no global backend is switched and nothing needs a display);
-the retrieval figure is assembled pixel by pixel with numpy / PIL so its layout is exact.
+`retrieval_figure` draws ranked lists like Figure 5 of the ABMT paper. The command line
+`jaxreid-plots WORKDIR [WORKDIR ...] [--compare=out.png]` (`jaxreid.tools.plots`, also
+`python -m jaxreid.plots`) redraws and compares runs. Curves use matplotlib's Agg canvas directly
+(no pyplot, so no global backend is switched and nothing needs a display); the retrieval figure
+is assembled pixel by pixel with numpy / PIL so its layout is exact.
+
+Why one long module: each panel is a short function over the same record-reading helpers; the
+length is the number of panels (losses, clustering, coupling, accuracy, comparisons, retrieval).
 
 Metrics records are `{"stage", "step", "time", ...}`; a resumed run may repeat a step, and the
 last record of each (stage, step) wins. Panels whose keys are absent (e.g. pseudo-label quality
@@ -15,7 +18,6 @@ without ground truth, coupling in older runs) are left out.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -23,7 +25,6 @@ import math
 import os
 import re
 import sys
-from typing import Iterable
 from typing import Mapping
 from typing import Sequence
 
@@ -752,53 +753,7 @@ def retrieval_figure(
   return layout
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI
+if __name__ == '__main__':  # `python -m jaxreid.plots`: the command line is jaxreid.tools.plots
+  from jaxreid.tools import plots as _tool
 
-
-def main(argv: Iterable[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m jaxreid.plots', description=__doc__.split('\n')[0])
-  p.add_argument('workdirs', nargs='+', metavar='WORKDIR', help='work dirs of jaxreid runs')
-  p.add_argument(
-      '--compare',
-      default='',
-      metavar='OUT.png',
-      help='also write one figure comparing all the given runs',
-  )
-  p.add_argument(
-      '--labels',
-      default='',
-      help='comma-separated legend names for --compare ' "(default: the work dirs' folder names)",
-  )
-  args = p.parse_args(None if argv is None else list(argv))
-  labels = [s.strip() for s in args.labels.split(',')] if args.labels else None
-  if labels is not None and len(labels) != len(args.workdirs):
-    print(
-        f'error: --labels has {len(labels)} names for {len(args.workdirs)} work dirs; give '
-        'one per work dir',
-        file=sys.stderr,
-    )
-    return 2
-  status = 0
-  for w in args.workdirs:
-    try:
-      paths = plot_run(w)
-    except FileNotFoundError as e:
-      print(f'error: {e}', file=sys.stderr)
-      status = 2
-      continue
-    if not paths:
-      print(f'{w}: nothing to plot yet (no adaptation or pre-training epochs recorded)')
-    for path in paths:
-      print(path)
-  if args.compare:
-    try:
-      print(plot_comparison(args.workdirs, args.compare, labels))
-    except (FileNotFoundError, ValueError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      status = 2
-  return status
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(_tool.main())

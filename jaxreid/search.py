@@ -1,31 +1,25 @@
-"""Search a folder of person crops for the people in query images, with a trained model.
+"""Searching a folder of person crops for the people in query images, with a trained model.
 
-  python -m jaxreid.search --model=workdirs/mmt_duke_to_market --query=person.jpg \\
-      --gallery=crops/ [--topk=10] [--out=retrieval.png] [--export_features=DIR]
-
-`--query` is an image file or a folder, `--gallery` a folder (image files directly inside it).
-Images of any size and mode (grayscale, RGBA, palette; PNG, JPEG, BMP, ...) are converted to RGB
-and resized to the model's input size exactly as in training; unreadable files are reported by
-name and skipped. For every query the ranked gallery matches are printed (squared Euclidean
-distance between unit features, 0..4), and a picture of the top-k lists is written. When all file
-names follow the Market-1501 convention `<pid>_c<camera>...` (e.g. 0002_c1s1_000451_03.jpg),
-true / false matches are marked green / red by identity; otherwise the frames are grey.
-Model flags as for `jaxreid.evaluate` (a work dir or a .msgpack, config.json overrides).
+`search(loaded, query_path, gallery_path)` reads both image sets (any size and mode, converted as
+in training; unreadable files skipped and reported), extracts features with a loaded model
+(`inference.load_model`) and ranks the gallery for every query (`rank_gallery`: squared Euclidean
+distance between unit features, exact float64 on the host). `ranking_text` prints the ranked
+lists and `export` writes features and rankings. When all file names follow the Market-1501
+convention `<pid>_c<camera>...`, matches are known by identity (`SearchResult.is_match`). The
+command line is `jaxreid-search` (`jaxreid.tools.search`, also `python -m jaxreid.search`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 from jaxreid import inference
-from jaxreid import plots
+from jaxreid.retrieval import distances
 
 
 @dataclasses.dataclass
@@ -77,7 +71,7 @@ def rank_gallery(
   dists = np.empty((len(qf), k), np.float64)
   for s in range(0, len(qf), block):
     q = np.asarray(qf[s : s + block], np.float64)
-    d = np.maximum((q * q).sum(1)[:, None] + g_sq[None, :] - 2.0 * (q @ g.T), 0.0)
+    d = np.maximum(distances.sqdist_from_dot(q @ g.T, (q * q).sum(1)[:, None], g_sq[None, :]), 0.0)
     if k < d.shape[1]:
       cand = np.argpartition(d, k - 1, axis=1)[:, :k]
     else:
@@ -171,99 +165,7 @@ def export(result: SearchResult, out_dir: str, model_path: str) -> list[str]:
   return written + [path]
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog='python -m jaxreid.search',
-      description=__doc__.split('\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog=__doc__.split('\n', 1)[1],
-  )
-  p.add_argument('--model', required=True, help='work dir of a finished run, or a .msgpack')
-  p.add_argument('--query', required=True, help='an image file or a folder of images')
-  p.add_argument('--gallery', required=True, help='a folder of images to search')
-  p.add_argument('--topk', type=int, default=10, help='matches listed per query')
-  p.add_argument(
-      '--out',
-      default='',
-      help='write the retrieval picture to this PNG file '
-      '(default: none; nothing is written to the current directory unasked)',
-  )
-  p.add_argument(
-      '--max_rows',
-      type=int,
-      default=20,
-      help='queries shown in the picture (the first ones); all are printed',
-  )
-  p.add_argument(
-      '--export_features',
-      default='',
-      metavar='DIR',
-      help='write features (.npy), paths / ids (.json) and ranking.json into DIR',
-  )
-  p.add_argument('--batch_size', type=int, default=256, help='images per feature batch')
-  inference.add_model_flags(p)
-  return p
+if __name__ == '__main__':  # `python -m jaxreid.search`: the command line is jaxreid.tools.search
+  from jaxreid.tools import search as _tool
 
-
-def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  if args.topk < 1 or args.batch_size < 1 or args.max_rows < 1:
-    print('error: --topk, --batch_size and --max_rows must be positive', file=sys.stderr)
-    return 2
-  try:
-    loaded = inference.load_model(args.model, inference.model_overrides(args))
-    print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
-    t0 = time.time()
-    result = search(loaded, args.query, args.gallery, topk=args.topk, batch_size=args.batch_size)
-  except inference.InferenceError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  sys.stdout.flush()
-  for path, reason in result.skipped:
-    print(f'warning: skipped unreadable file {path}: {reason}', file=sys.stderr, flush=True)
-  print(
-      f'{len(result.query)} query and {len(result.gallery)} gallery images, features in '
-      f'{time.time() - t0:.1f}s\n'
-  )
-  print(ranking_text(result))
-  match = result.is_match
-  if match is None:
-    print(
-        '\nnote: not all file names follow the Market-1501 convention <pid>_c<camera>... '
-        '(e.g. 0002_c1s1_000451_03.jpg), so true / false matches are not marked (grey frames)'
-    )
-  written = []
-  if args.out:
-    rows = min(args.max_rows, len(result.query))
-    plots.retrieval_figure(
-        result.query.images[:rows],
-        result.gallery.images,
-        result.ranked[:rows],
-        None if match is None else match[:rows],
-        args.out,
-        distances=result.distances[:rows],
-        query_titles=[os.path.basename(p) for p in result.query.paths[:rows]],
-    )
-    legend = (
-        'green = same identity, red = different'
-        if match is not None
-        else 'grey frames: identities unknown'
-    )
-    more = f', first {rows} of {len(result.query)} queries' if rows < len(result.query) else ''
-    written.append(f'{args.out} ({legend}{more})')
-  if args.export_features:
-    written += export(result, args.export_features, loaded.weights_path)
-  if written:
-    print('\nwrote ' + '\n      '.join(written))
-  if not args.out:
-    print('\n(add --out=retrieval.png for a picture of the ranked matches)')
-  k = result.ranked.shape[1]
-  print(
-      f'\nsummary: {len(result.query)} queries, {len(result.gallery)} gallery images, top {k} '
-      f'each; {len(result.skipped)} unreadable file(s) skipped'
-  )
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(_tool.main())

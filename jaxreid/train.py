@@ -1,10 +1,10 @@
 """Train states, the optimizer and the jitted training epochs of every method.
 
-A method is data (`MethodSpec`): how many student networks, whether they have EMA teachers and
-which augmented view each network sees. The loss is data too (`jaxreid.objectives`). One step
-function serves all methods; `lax.scan` runs a chunk of steps on the device with no host round
-trip; the host only builds the epoch's `(iters, batch)` index array and the label array between
-epochs (docs/reference.md section 3).
+A method (`jaxreid.methods.Method`) says how many student networks it trains, whether they have
+EMA teachers, which augmented view each network sees and its loss function. One step function
+serves all methods; `lax.scan` runs a chunk of steps on the device with no host round trip; the
+host only builds the epoch's `(iters, batch)` index array and the label array between epochs
+(docs/reference.md section 3); `run_epoch` drives one epoch from the host.
 
 Data parallelism: `jit` over a 1-D mesh `('data',)`, batches sharded, everything else replicated.
 BatchNorm statistics are taken over the global batch (or fixed groups of images with
@@ -13,8 +13,8 @@ BatchNorm statistics are taken over the global batch (or fixed groups of images 
 
 from __future__ import annotations
 
-import dataclasses
 import re
+import time
 from typing import Any
 from typing import Callable
 from typing import Mapping
@@ -29,38 +29,11 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
+from jaxreid import distributed
 from jaxreid import input_pipeline
-from jaxreid import objectives
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-  """Which networks a method trains and which augmented view each one sees.
-
-  `student_views[i]` / `teacher_views[i]` index the independently augmented views of the batch.
-  MMT: net i and its teacher see view i; the soft losses pair student i with teacher j != i, so
-  the two sides of every soft term saw different augmentations. ABMT: one view for everything.
-  """
-
-  num_students: int
-  ema: bool
-  student_views: tuple[int, ...]
-  teacher_views: tuple[int, ...] = ()
-
-  @property
-  def num_views(self) -> int:
-    return max(self.student_views + self.teacher_views) + 1
-
-
-METHODS: dict[str, MethodSpec] = {
-    'pretrain': MethodSpec(1, False, (0,)),
-    'cluster_baseline': MethodSpec(1, False, (0,)),
-    # Mean-teacher baseline: MMT with one network supervised by its own EMA teacher. The teacher
-    # sees a second view, as the teachers of MMT do (docs/reference.md is silent on the baseline's views).
-    'mean_teacher': MethodSpec(1, True, (0,), (1,)),
-    'mmt': MethodSpec(2, True, (0, 1), (0, 1)),
-    'abmt': MethodSpec(1, True, (0,), (0,)),
-}
+from jaxreid import methods as methods_lib
+from jaxreid.metrics_writer import Progress
+from jaxreid.metrics_writer import log
 
 
 @flax.struct.dataclass
@@ -85,10 +58,6 @@ class TrainState:
     if teacher:
       return {'params': self.teacher_params[name], 'batch_stats': self.teacher_batch_stats[name]}
     return {'params': self.params[name], 'batch_stats': self.batch_stats[name]}
-
-
-def net_names(spec: MethodSpec) -> tuple[str, ...]:
-  return tuple(f'net{i + 1}' for i in range(spec.num_students))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +130,7 @@ def warmup_multistep_schedule(
 
 
 def create_train_state(
-    spec: MethodSpec,
+    method: methods_lib.Method,
     students: Sequence[dict],
     tx: optax.GradientTransformation,
     rng: jax.Array,
@@ -169,7 +138,7 @@ def create_train_state(
     step: int = 0,
 ) -> TrainState:
   """Builds the state from per-network variables; every teacher starts as a copy of its student."""
-  names = net_names(spec)
+  names = method.networks
   if len(students) != len(names):
     raise ValueError(f'{len(names)} networks expected, got {len(students)}')
   params = {n: v['params'] for n, v in zip(names, students)}
@@ -179,8 +148,8 @@ def create_train_state(
       step=jnp.asarray(step, jnp.int32),
       params=params,
       batch_stats=batch_stats,
-      teacher_params=copy(params) if spec.ema else {},
-      teacher_batch_stats=copy(batch_stats) if spec.ema else {},
+      teacher_params=copy(params) if method.ema else {},
+      teacher_batch_stats=copy(batch_stats) if method.ema else {},
       opt_state=tx.init(params),
       rng=rng,
   )
@@ -213,8 +182,8 @@ def _flatten_outputs(prefix: str, out) -> dict:
 
 def make_train_step(
     model,
-    spec: MethodSpec,
-    terms,
+    method: methods_lib.Method,
+    loss: Callable,
     tx: optax.GradientTransformation,
     *,
     ema_decay: float = 0.999,
@@ -225,10 +194,11 @@ def make_train_step(
 ) -> Callable:
   """Returns `step(state, data, batch_idx, target_idx) -> (state, metrics)` (pure, unjitted).
 
-  `augment=False` feeds the normalised images unchanged (every view identical); for tests and
+  `loss(outputs, labels) -> (total, metrics)` is the method's objective with its weights bound
+  (`jaxreid.methods.objective`). `augment=False` feeds the normalised images unchanged (every view identical); for tests and
   diagnostics only.
   """
-  names = net_names(spec)
+  names = method.networks
   batch_spec = NamedSharding(mesh, P('data')) if mesh is not None else None
 
   def constrain(x):
@@ -243,23 +213,23 @@ def make_train_step(
   def step(state: TrainState, data: EpochData, batch_idx, target_idx):
     rng, aug_key, drop_key, target_key = jax.random.split(state.rng, 4)
     images = constrain(data.images[batch_idx])
-    labels = data.labels[batch_idx]
+    labels = methods_lib.Labels(data.labels[batch_idx], data.class_mask)
     if augment:
       views = [
           constrain(input_pipeline.augment(k, images, erasing_prob=erasing_prob))
-          for k in jax.random.split(aug_key, spec.num_views)
+          for k in jax.random.split(aug_key, method.num_views)
       ]
     else:
-      views = [constrain(input_pipeline.normalize(images))] * spec.num_views
+      views = [constrain(input_pipeline.normalize(images))] * method.num_views
     drop_keys = jax.random.split(drop_key, 2 * len(names))
 
-    outputs = {'labels': labels, 'class_mask': data.class_mask}
+    outputs = {}
     teacher_stats = {}
-    if spec.ema:
+    if method.ema:
       for i, name in enumerate(names):
         out, teacher_stats[name] = forward(
             state.variables(name, teacher=True),
-            views[spec.teacher_views[i]],
+            views[method.teacher_views[i]],
             drop_keys[len(names) + i],
         )
         outputs.update(_flatten_outputs(f'teacher{i + 1}', jax.lax.stop_gradient(out)))
@@ -270,14 +240,14 @@ def make_train_step(
       for i, name in enumerate(names):
         out, new_stats[name] = forward(
             {'params': params[name], 'batch_stats': state.batch_stats[name]},
-            views[spec.student_views[i]],
+            views[method.student_views[i]],
             drop_keys[i],
         )
         outs.update(_flatten_outputs(f'student{i + 1}', out))
-      loss, metrics = objectives.compute_objective(terms, outs)
-      return loss, (metrics, new_stats)
+      loss_value, metrics = loss(outs, labels)
+      return loss_value, (metrics, new_stats)
 
-    (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
     if target_bn_pass:
       # Pre-training: a no-grad train-mode forward of a target batch so that the BN running
@@ -292,7 +262,7 @@ def make_train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     teacher_params = state.teacher_params
-    if spec.ema:
+    if method.ema:
       alpha = ema_decay_at(state.step, ema_decay)
       teacher_params = jax.tree.map(
           lambda t, s: alpha * t + (1.0 - alpha) * s, state.teacher_params, params
@@ -333,8 +303,25 @@ def make_train_chunk(step_fn: Callable, mesh: Mesh, *, use_scan: bool | None = N
   replicated = NamedSharding(mesh, P())
   if use_scan is None:
     use_scan = jax.default_backend() != 'cpu'
+  # Indices: (S, B) for a scanned chunk, (B,) per step; the batch axis is sharded.
+  idx_sharding = NamedSharding(mesh, P(None, 'data') if use_scan else P('data'))
+
+  def compile_fn(fn):
+    jitted = jax.jit(
+        fn,
+        donate_argnums=(0,),
+        in_shardings=(replicated, replicated, idx_sharding, idx_sharding),
+        out_shardings=(replicated, replicated),
+    )
+
+    def call(state, data, batch_idx, target_idx):
+      put = lambda idx: distributed.put(idx, idx_sharding)
+      return jitted(state, data, put(batch_idx), put(target_idx))
+
+    call._cache_size = jitted._cache_size  # for tests: one compiled program per run
+    return call
+
   if use_scan:
-    idx_sharding = NamedSharding(mesh, P(None, 'data'))
 
     def chunk(state, data, batch_idx, target_idx):
       def body(s, idx):
@@ -342,20 +329,9 @@ def make_train_chunk(step_fn: Callable, mesh: Mesh, *, use_scan: bool | None = N
 
       return jax.lax.scan(body, state, (batch_idx, target_idx))
 
-    return jax.jit(
-        chunk,
-        donate_argnums=(0,),
-        in_shardings=(replicated, replicated, idx_sharding, idx_sharding),
-        out_shardings=(replicated, replicated),
-    )
+    return compile_fn(chunk)
 
-  idx_sharding = NamedSharding(mesh, P('data'))
-  step = jax.jit(
-      step_fn,
-      donate_argnums=(0,),
-      in_shardings=(replicated, replicated, idx_sharding, idx_sharding),
-      out_shardings=(replicated, replicated),
-  )
+  step = compile_fn(step_fn)
 
   def loop(state, data, batch_idx, target_idx):
     per_step = []
@@ -364,7 +340,7 @@ def make_train_chunk(step_fn: Callable, mesh: Mesh, *, use_scan: bool | None = N
       per_step.append(metrics)
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
 
-  loop._cache_size = step._cache_size  # for tests: one compiled program per run
+  loop._cache_size = step._cache_size
   return loop
 
 
@@ -375,3 +351,66 @@ def make_mesh() -> Mesh:
 
 def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The host side of an epoch (shared by pre-training and adaptation)
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss, the gradient or the parameters stopped being finite (nothing was saved)."""
+
+
+def chunk_size(iters: int, log_every: int) -> int:
+  """The largest divisor of `iters` not above `log_every`: one compiled chunk shape per run."""
+  log_every = max(1, min(log_every or iters, iters))
+  for size in range(log_every, 0, -1):
+    if iters % size == 0:
+      return size
+  return iters
+
+
+def run_epoch(
+    train_chunk,
+    state,
+    data,
+    batch_idx: np.ndarray,
+    target_idx: np.ndarray,
+    progress: Progress,
+    epoch: int,
+    chunk: int,
+):
+  """Runs one epoch chunk by chunk; fetches metrics only at chunk ends (logging)."""
+  iters = len(batch_idx)
+  t0 = time.time()
+  metrics_chunks = []
+  for start in range(0, iters, chunk):
+    state, metrics = train_chunk(
+        state, data, batch_idx[start : start + chunk], target_idx[start : start + chunk]
+    )
+    metrics = jax.device_get(metrics)
+    metrics_chunks.append(metrics)
+    total = float(np.mean(metrics['loss/total']))
+    bad = [
+        what
+        for what, ok in (
+            ('loss', np.all(np.isfinite(metrics['loss/total']))),
+            ('gradient norm', np.all(np.isfinite(metrics['grad_norm']))),
+            ('parameters', np.all(metrics.get('finite', 1.0) == 1.0)),
+        )
+        if not ok
+    ]
+    if bad:
+      raise NonFiniteLossError(
+          f'non-finite {" and ".join(bad)} at epoch {epoch + 1}, iteration {start + chunk} '
+          f'(loss {total:.4g}, gradient norm {float(np.max(metrics["grad_norm"])):.4g}). '
+          'Nothing of this epoch was saved; the last good checkpoint is kept. Lower the learning '
+          'rate or check the inputs, then rerun the same command.'
+      )
+    if iters // chunk > 1:
+      log(progress.line(epoch, start + chunk, time.time() - t0, f'loss {total:.3f}'))
+  merged = {
+      k: float(np.mean(np.concatenate([np.atleast_1d(m[k]) for m in metrics_chunks])))
+      for k in metrics_chunks[0]
+  }
+  return state, merged, time.time() - t0

@@ -16,11 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxreid import checkpoint
 from jaxreid import convert
+from jaxreid import evaluation
 from jaxreid import export
 from jaxreid import input_pipeline
 from jaxreid import layers
 from jaxreid import models
+from jaxreid import numpy_init
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 WEIGHTS = SHARED / 'weights'
@@ -182,7 +185,7 @@ def test_osnet_widths_convert_from_pytorch_state_dicts(variant):
 
 def _trained_looking(model, seed=0):
   """Variables with non-trivial values everywhere (BN statistics, neck, classifier)."""
-  variables = models.init_variables(model, seed)
+  variables = numpy_init.init_variables(model, seed)
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(variables)
   for path, v in flat.items():
@@ -235,7 +238,7 @@ def test_export_mobilenetv2_folds_the_neck_and_keeps_last_stride_1(tmp_path):
 def test_export_refuses_what_has_no_pytorch_twin():
   resnet = models.create_model(depth=18, width=8, num_classes=3)
   with pytest.raises(export.ExportError, match='ResNet models have no'):
-    export.torch_state_dict(resnet, models.init_variables(resnet), 'torchreid')
+    export.torch_state_dict(resnet, numpy_init.init_variables(resnet), 'torchreid')
   mbv2 = models.create_model(backbone='mobilenetv2', num_classes=3)
   with pytest.raises(export.ExportError, match='use --format=torchvision'):
     export.torch_state_dict(mbv2, {}, 'torchreid')
@@ -264,9 +267,9 @@ def test_abmt_avg_branch_exports_as_a_plain_osnet():
 def test_wrong_osnet_width_or_backbone_names_the_one_to_use():
   path = str(WEIGHTS / 'osnet_x0_25_msmt17.pth')
   with pytest.raises(convert.ConversionError, match="use backbone 'osnet_x0_25'"):
-    convert.load_weights(path, models.create_model(backbone='osnet_x0_5'), key='config.init.x')
+    checkpoint.load_weights(path, models.create_model(backbone='osnet_x0_5'), key='config.init.x')
   with pytest.raises(convert.ConversionError, match=r'config.init.x=.*needs backbone'):
-    convert.load_weights(path, models.create_model(depth=18), key='config.init.x')
+    checkpoint.load_weights(path, models.create_model(depth=18), key='config.init.x')
 
 
 def test_load_weights_refuses_garbage_and_malicious_files_in_one_line(tmp_path):
@@ -274,13 +277,13 @@ def test_load_weights_refuses_garbage_and_malicious_files_in_one_line(tmp_path):
   junk = tmp_path / 'junk.pth'
   junk.write_bytes(b'\x80\x02' + os.urandom(64))  # a pickle header, then noise
   with pytest.raises(convert.ConversionError, match='junk.pth'):
-    convert.load_weights(str(junk), model, key='config.init.pretrained')
+    checkpoint.load_weights(str(junk), model, key='config.init.pretrained')
   text = tmp_path / 'notes.msgpack'
   text.write_text('hello')
   with pytest.raises(convert.ConversionError, match='not a jaxreid .msgpack'):
-    convert.load_weights(str(text), model)
+    checkpoint.load_weights(str(text), model)
   with pytest.raises(convert.ConversionError, match='does not exist'):
-    convert.load_weights(str(tmp_path / 'missing.pth'), model)
+    checkpoint.load_weights(str(tmp_path / 'missing.pth'), model)
 
 
 def test_export_command_line_errors_are_one_line(tmp_path):
@@ -339,12 +342,14 @@ def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
       arch='abmt' if method == 'abmt' else 'resnet', backbone='osnet_x0_25', num_classes=9
   )
   variables = convert.convert_checkpoint(str(tmp_path / 'osnet.pth'), model)
-  target = run.load_and_decode('synthetic_b', None, 64, 32, synthetic=c.data.synthetic.to_dict())
+  target = input_pipeline.load_and_decode(
+      'synthetic_b', None, 64, 32, synthetic=c.data.synthetic.to_dict()
+  )
   if method == 'abmt':  # a single-branch model: the max branch is warm-started (avg untouched)
     variables = run.warm_start_max_branch(model, variables, target.train, c.seed)
   from jaxreid import features
 
-  expected = run.evaluate_variables(
+  expected = evaluation.evaluate_variables(
       features.make_embed_fn(model), [variables], target, batch_size=64, branches=method == 'abmt'
   )
   assert summary['source only']['mAP'] == pytest.approx(expected['mAP'], abs=1e-6)

@@ -1,12 +1,17 @@
 """Checkpoints: the last two are kept, a damaged newest one falls back to the one before (named
-in the log), and with nothing readable the error names the files and the fix."""
+in the log), and with nothing readable the error names the files and the fix. The weight file:
+a msgpack round trip, checked path by path and shape by shape against a model."""
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from jaxreid import checkpoint as checkpoint_lib
+from jaxreid import convert
+from jaxreid import models
+from jaxreid import numpy_init
 
 
 def _state(v):
@@ -53,3 +58,38 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
   with pytest.raises(checkpoint_lib.CheckpointError, match='Delete .*latest to start'):
     ckpt.restore(_state(0))
   ckpt.close()
+
+
+def test_weights_round_trip_and_are_checked_against_the_model(tmp_path):
+  model = models.create_model(depth=18, width=4, num_classes=5)
+  variables = numpy_init.init_variables(model, 1)
+  path = str(tmp_path / 'model.msgpack')
+  checkpoint_lib.save_weights(path, variables)
+  assert open(path, 'rb').read(1) == b'\x82'  # a msgpack map {params, batch_stats}, not a pickle
+  assert os.listdir(tmp_path) == ['model.msgpack']  # no temporary file left
+  for loaded in (
+      checkpoint_lib.read_weights(path),
+      checkpoint_lib.read_weights(path, model),
+      checkpoint_lib.load_weights(path, model),
+  ):
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
+      np.testing.assert_array_equal(a, b)
+  wider = models.create_model(depth=18, width=4, num_classes=9)
+  with pytest.raises(convert.ConversionError, match=r'mis-shaped[\s\S]*classifier'):
+    checkpoint_lib.read_weights(path, wider)
+  checkpoint_lib.load_weights(path, wider, drop_classifier=True)  # the width is not checked
+  with pytest.raises(
+      convert.ConversionError, match=r'config.init.x=[\s\S]*missing[\s\S]*avg_branch'
+  ):
+    checkpoint_lib.load_weights(
+        path, models.create_model(arch='abmt', depth=18, width=4), key='config.init.x'
+    )
+
+
+def test_weights_that_are_not_weights_fail_in_one_line(tmp_path):
+  text = tmp_path / 'notes.msgpack'
+  text.write_text('hello')
+  with pytest.raises(convert.ConversionError, match='not a jaxreid .msgpack'):
+    checkpoint_lib.read_weights(str(text))
+  with pytest.raises(convert.ConversionError, match='does not exist'):
+    checkpoint_lib.load_weights(str(tmp_path / 'missing.msgpack'), None)

@@ -20,8 +20,10 @@ import jax
 import numpy as np
 import pytest
 
+from jaxreid import checkpoint
 from jaxreid import convert
 from jaxreid import models
+from jaxreid.tools import convert as convert_tool
 
 torch = pytest.importorskip('torch')
 nn = torch.nn
@@ -451,7 +453,7 @@ def test_malicious_pickles_are_refused(tmp_path):
     convert.load_torch_checkpoint(_zip_checkpoint(tmp_path / 'eval.pth', eval_payload))
   # the CLI reports it as an error and writes nothing
   out = tmp_path / 'out.msgpack'
-  assert convert.main(['--input', str(tmp_path / 'evil.pth'), '--output', str(out)]) == 1
+  assert convert_tool.main(['--input', str(tmp_path / 'evil.pth'), '--output', str(out)]) == 1
   assert not out.exists() and not marker.exists()
 
 
@@ -503,7 +505,7 @@ def test_cli_roundtrip(tmp_path):
       tmp_path / 'r18.pth.tar',
   )
   out = tmp_path / 'r18.msgpack'
-  rc = convert.main(
+  rc = convert_tool.main(
       [
           '--input',
           path,
@@ -523,12 +525,15 @@ def test_cli_roundtrip(tmp_path):
   )
   assert rc == 0
   model = models.ReIDNet(depth=18, width=4, num_classes=7)
-  loaded = convert.load_converted(str(out), model)
+  loaded = checkpoint.read_weights(str(out), model)
   assert_tree_close(loaded, convert.convert_checkpoint(path, model), tol=0)
   assert open(out, 'rb').read(1) != b'\x80'  # msgpack, not a pickle
   with pytest.raises(convert.ConversionError, match='mis-shaped'):
-    convert.load_converted(str(out), models.ReIDNet(depth=18, width=8, num_classes=7))
-  assert convert.main(['--input', path, '--output', str(out), '--depth', '34', '--width', '4']) == 1
+    checkpoint.read_weights(str(out), models.ReIDNet(depth=18, width=8, num_classes=7))
+  assert (
+      convert_tool.main(['--input', path, '--output', str(out), '--depth', '34', '--width', '4'])
+      == 1
+  )
 
 
 def test_legacy_file_declaring_huge_storage_is_refused_without_allocating(tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m jaxreid.evaluate` on a tiny Market-layout folder written here.
+"""`jaxreid-evaluate` (`python -m jaxreid.evaluate`) on a tiny Market-layout folder written here.
 
 The printed metrics are compared with an independent recomputation (the model built and loaded
 by hand, images decoded and embedded with the library's lower-level functions, then
@@ -16,14 +16,16 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from jaxreid import convert
+from jaxreid import checkpoint
 from jaxreid import evaluate
 from jaxreid import features as features_lib
 from jaxreid import inference
 from jaxreid import input_pipeline
 from jaxreid import models
+from jaxreid import numpy_init
 from jaxreid import retrieval
 from jaxreid.data import load_dataset
+from jaxreid.tools import evaluate as evaluate_tool
 
 H, W = 32, 16
 MODEL = dict(arch='resnet', depth=18, width=4)
@@ -67,7 +69,7 @@ def world(tmp_path_factory):
   run = root / 'run'
   run.mkdir()
   model = models.create_model(dict(MODEL, num_classes=6))
-  convert.save_converted(str(run / 'model.msgpack'), models.init_variables(model, 5))
+  checkpoint.save_weights(str(run / 'model.msgpack'), numpy_init.init_variables(model, 5))
   (run / 'config.json').write_text(
       json.dumps(
           {
@@ -91,14 +93,14 @@ def parse_table(out: str) -> dict:
 
 def independent_features(world, paths, model=None, weights=None):
   model = model or world['model']
-  variables = convert.load_converted(weights or os.path.join(world['run'], 'model.msgpack'), model)
+  variables = checkpoint.read_weights(weights or os.path.join(world['run'], 'model.msgpack'), model)
   images = input_pipeline.decode_images(paths, H, W)
   return features_lib.extract_features(features_lib.make_embed_fn(model), [variables], images)
 
 
 def test_printed_metrics_equal_an_independent_recomputation(world, tmp_path, capsys):
   exp = tmp_path / 'features'
-  rc = evaluate.main(
+  rc = evaluate_tool.main(
       [
           f'--model={world["run"]}',
           '--data=market1501',
@@ -146,7 +148,7 @@ def test_rerank_and_test_splits_only(world, tmp_path, capsys):
   # A folder with only query/ and bounding_box_test/ is enough for evaluation.
   only_test = tmp_path / 'only_test'
   shutil.copytree(world['market'], only_test, ignore=shutil.ignore_patterns('bounding_box_train'))
-  rc = evaluate.main(
+  rc = evaluate_tool.main(
       [f'--model={world["run"]}', '--data=market1501', f'--data_root={only_test}', '--rerank']
   )
   out = capsys.readouterr().out
@@ -165,10 +167,10 @@ def test_wrong_architecture_fails_naming_the_mismatch_and_the_fix(world, tmp_pat
   abmt = models.create_model(dict(arch='abmt', depth=18, width=4, num_classes=6))
   bad = tmp_path / 'bad_run'
   bad.mkdir()
-  convert.save_converted(str(bad / 'model.msgpack'), models.init_variables(abmt, 0))
+  checkpoint.save_weights(str(bad / 'model.msgpack'), numpy_init.init_variables(abmt, 0))
   shutil.copy(os.path.join(world['run'], 'config.json'), bad / 'config.json')  # says resnet
   args = ['--data=market1501', f'--data_root={world["market"]}']
-  assert evaluate.main([f'--model={bad}'] + args) == 2
+  assert evaluate_tool.main([f'--model={bad}'] + args) == 2
   err = capsys.readouterr().err
   assert 'do not fit the network built from' in err
   assert 'look like --arch=abmt --depth=18 --width=4' in err
@@ -176,7 +178,7 @@ def test_wrong_architecture_fails_naming_the_mismatch_and_the_fix(world, tmp_pat
   assert 'unexpected' in err and 'avg_branch' in err
 
   # The flags the message suggests fix it; ABMT features are 2 x 32-d.
-  assert evaluate.main([f'--model={bad}', '--arch=abmt'] + args) == 0
+  assert evaluate_tool.main([f'--model={bad}', '--arch=abmt'] + args) == 0
   out = capsys.readouterr().out
   assert 'ABMT-18 (width 4), input 32x16, 64-d features' in out
   assert '--arch=abmt' in out
@@ -186,7 +188,9 @@ def test_wrong_architecture_fails_naming_the_mismatch_and_the_fix(world, tmp_pat
   lone.mkdir()
   shutil.copy(bad / 'model.msgpack', lone / 'abmt.msgpack')
   assert (
-      evaluate.main([f'--model={lone / "abmt.msgpack"}', '--height=32', '--img_width=16'] + args)
+      evaluate_tool.main(
+          [f'--model={lone / "abmt.msgpack"}', '--height=32', '--img_width=16'] + args
+      )
       == 0
   )
   assert "from the weights' shapes" in capsys.readouterr().out
@@ -210,7 +214,8 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
   empty = tmp_path / 'empty'
   empty.mkdir()
   assert (
-      evaluate.main([f'--model={world["run"]}', '--data=market1501', f'--data_root={empty}']) == 2
+      evaluate_tool.main([f'--model={world["run"]}', '--data=market1501', f'--data_root={empty}'])
+      == 2
   )
   err = capsys.readouterr().err
   assert str(empty) in err and 'query' in err and 'bounding_box_test' in err
@@ -221,13 +226,15 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
       os.path.join(world['market'], 'bounding_box_test'), no_queries / 'bounding_box_test'
   )
   assert (
-      evaluate.main([f'--model={world["run"]}', '--data=market1501', f'--data_root={no_queries}'])
+      evaluate_tool.main(
+          [f'--model={world["run"]}', '--data=market1501', f'--data_root={no_queries}']
+      )
       == 2
   )
   assert 'no images' in capsys.readouterr().err
 
   assert (
-      evaluate.main(
+      evaluate_tool.main(
           [f'--model={tmp_path / "missing"}', '--data=market1501', f'--data_root={world["market"]}']
       )
       == 2
@@ -237,7 +244,7 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
   torch_file = tmp_path / 'model_best.pth.tar'
   torch_file.write_bytes(b'PK')
   assert (
-      evaluate.main(
+      evaluate_tool.main(
           [f'--model={torch_file}', '--data=market1501', f'--data_root={world["market"]}']
       )
       == 2
@@ -247,12 +254,14 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
   garbage = tmp_path / 'garbage.msgpack'
   garbage.write_bytes(b'\x00\x01 not msgpack')
   assert (
-      evaluate.main([f'--model={garbage}', '--data=market1501', f'--data_root={world["market"]}'])
+      evaluate_tool.main(
+          [f'--model={garbage}', '--data=market1501', f'--data_root={world["market"]}']
+      )
       == 2
   )
   assert 'cannot read weights' in capsys.readouterr().err
 
-  assert evaluate.main([f'--model={world["run"]}', '--data=no_such_set']) == 2
+  assert evaluate_tool.main([f'--model={world["run"]}', '--data=no_such_set']) == 2
   assert 'unknown data set' in capsys.readouterr().err
 
 

@@ -12,7 +12,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxreid import flops
+from jaxreid import layers
 from jaxreid import models
+from jaxreid import numpy_init
 
 KEY = jax.random.key(0)
 # Tests compile many small programs on a CPU: XLA's backend optimisation is not worth its
@@ -138,7 +141,7 @@ def test_ibn_layout_and_stem_relu_default():
   x = _x(2, 32, 16)
   for relu in (False, True):
     trunk = models.ResNetTrunk(depth=50, width=4, stem_relu=relu, stages=(0,))
-    v = models.init_variables(trunk, example=x)
+    v = numpy_init.init_variables(trunk, example=x)
     v['params']['bn1']['bias'] -= 100.0
     out = _eval(trunk, v, x)
     assert bool(jnp.all(out == 0)) if relu else bool(jnp.all(out < 0))
@@ -149,7 +152,7 @@ def test_ibn_layout_and_stem_relu_default():
 def tiny():
   model = models.ReIDNet(depth=18, width=4, num_classes=6)
   x = _x(4, 64, 32)
-  v = models.init_variables(model)
+  v = numpy_init.init_variables(model)
   # non-trivial neck running statistics and scale, so eval differs from train
   v['batch_stats']['neck']['mean'] = np.linspace(-0.5, 0.5, 32, dtype=np.float32)
   v['batch_stats']['neck']['var'] = np.linspace(0.5, 2.0, 32, dtype=np.float32)
@@ -195,7 +198,7 @@ def test_train_gives_pre_bn_features_and_logits_from_post_bn(tiny):
 def test_dropout_needs_rng_and_changes_logits():
   model = models.ReIDNet(depth=18, width=4, num_classes=6, dropout=0.5)
   x = _x(4, 32, 16)
-  v = models.init_variables(model)
+  v = numpy_init.init_variables(model)
   o1, _ = _train(model, v, x, KEY)
   o2, _ = _train(model, v, x, jax.random.key(5))
   np.testing.assert_allclose(o1['features'], o2['features'])
@@ -206,8 +209,8 @@ def test_dropout_needs_rng_and_changes_logits():
 
 def test_batchnorm_unbiased_running_var_and_float32_stats():
   x = jax.random.normal(KEY, (3, 5, 4, 6), jnp.bfloat16) * 3 + 1
-  bn = models.BatchNorm(dtype=jnp.bfloat16)
-  v = models.init_variables(bn, example=x)
+  bn = layers.BatchNorm(dtype=jnp.bfloat16)
+  v = numpy_init.init_variables(bn, example=x)
   y, upd = _jit(lambda v, x: bn.apply(v, x, mutable=['batch_stats']))(v, x)
   assert y.dtype == jnp.bfloat16 and upd['batch_stats']['var'].dtype == jnp.float32
   xf = np.asarray(x, np.float32).reshape(-1, 6)
@@ -232,7 +235,7 @@ class _StemLayer1(models.nn.Module):
 def test_norm_group_size_equals_separate_groups():
   grouped, plain = _StemLayer1(norm_group_size=2), _StemLayer1()
   x = _x(4, 32, 16)
-  v = models.init_variables(plain)
+  v = numpy_init.init_variables(plain)
   v['params']['ResNetTrunk_0']['bn1']['bias'] += 0.3  # keep some pre-neck features non-zero
   run = lambda m, x: _jit(lambda v, x: m.apply(v, x, True, mutable=['batch_stats']))(v, x)
   out_g, upd_g = run(grouped, x)
@@ -259,7 +262,7 @@ def test_bfloat16_compute_matches_float32():
   m32 = models.ReIDNet(**kw)
   m16 = models.ReIDNet(dtype=jnp.bfloat16, **kw)
   x = _x(4, 64, 32)
-  v = models.init_variables(m32)
+  v = numpy_init.init_variables(m32)
   rng = np.random.default_rng(0)  # running statistics of a plausible scale
   v['batch_stats'] = jax.tree_util.tree_map(
       lambda a: (
@@ -284,7 +287,7 @@ def test_bfloat16_compute_matches_float32():
 def test_abmt_outputs_tiny():
   model = models.ABMTNet(depth=18, width=4, num_classes=6)
   x = _x(4, 32, 16)
-  v = models.init_variables(model)
+  v = numpy_init.init_variables(model)
   assert v['params']['max_branch']['extra']['conv2']['kernel'].shape == (3, 3, 8, 8)
   e = _eval(model, v, x)  # train-mode outputs: shapes above, numbers in test_convert (torch)
   assert e.shape == (4, 64)
@@ -294,17 +297,17 @@ def test_abmt_outputs_tiny():
       e[:, :32] / np.linalg.norm(e[:, :32], axis=1, keepdims=True),
       e[:, 32:] / np.linalg.norm(e[:, 32:], axis=1, keepdims=True),
   )
-  sub = models.init_variables(model, paths=[('params', 'max_classifier', 'kernel')])
+  sub = numpy_init.init_variables(model, paths=[('params', 'max_classifier', 'kernel')])
   np.testing.assert_array_equal(
       sub['params']['max_classifier']['kernel'], v['params']['max_classifier']['kernel']
   )
   # model.init's extra-block initialisers (init_variables draws other numbers from the same law)
   extra = models._extra_block(2048, jnp.float32, 0)
-  assert extra.kernel_init is models.conv_init_fan_in
-  assert extra.bn_scale_init is models.bn_scale_init_abmt
-  scale = models.bn_scale_init_abmt(KEY, (4096,))
+  assert extra.kernel_init is layers.conv_init_fan_in
+  assert extra.bn_scale_init is layers.bn_scale_init_abmt
+  scale = layers.bn_scale_init_abmt(KEY, (4096,))
   assert abs(float(scale.std()) - 0.02) < 0.002 and abs(float(scale.mean()) - 1) < 0.002
-  kernel = models.conv_init_fan_in(KEY, (1, 1, 2048, 512))
+  kernel = layers.conv_init_fan_in(KEY, (1, 1, 2048, 512))
   assert abs(float(kernel.std()) - np.sqrt(2 / 2048)) < 0.02 * np.sqrt(2 / 2048)
   ev = v['params']['max_branch']['extra']
   assert abs(float(ev['conv1']['kernel'].std()) - np.sqrt(2 / 32)) < 0.2 * np.sqrt(2 / 32)
@@ -313,7 +316,7 @@ def test_abmt_outputs_tiny():
 
 def test_set_classifier_rows_and_mask():
   model = models.ReIDNet(depth=18, width=4, num_classes=8)
-  v = models.init_variables(model)
+  v = numpy_init.init_variables(model)
   cent = np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32)
   new = _jit(models.set_classifier_rows)(v['params'], cent)
   k = np.asarray(new['classifier']['kernel'])
@@ -334,7 +337,7 @@ def test_set_classifier_rows_and_mask():
 
 def test_set_classifier_rows_abmt_halves():
   model = models.ABMTNet(depth=18, width=4, num_classes=5)
-  v = models.init_variables(model)
+  v = numpy_init.init_variables(model)
   cent = np.random.default_rng(1).normal(size=(4, 64)).astype(np.float32)
   new = models.set_classifier_rows(v['params'], cent)
   for name, part in (('avg_classifier', cent[:, :32]), ('max_classifier', cent[:, 32:])):
@@ -383,6 +386,6 @@ def test_pooling_variants():
 def test_flops_and_report():
   r50 = models.ReIDNet(depth=50, last_stride=2, num_classes=1000)
   # ImageNet setting: 4.09 GMACs (the published "4.1 GFLOPs" counts multiply-adds)
-  assert abs(models.flops_per_image(r50, 224, 224) / 2e9 - 4.09) < 0.03
-  table = models.model_report(models=models.REPORT_MODELS[:1])
+  assert abs(flops.flops_per_image(r50, 224, 224) / 2e9 - 4.09) < 0.03
+  table = flops.model_report(models=flops.REPORT_MODELS[:1])
   assert 'ResNet-18' in table and '16x8' in table

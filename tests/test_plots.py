@@ -18,6 +18,7 @@ from PIL import Image
 import pytest
 
 from jaxreid import plots
+from jaxreid.tools import plots as plots_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -289,9 +290,9 @@ def test_cli_writes_run_plots_and_comparison(mmt_run, tmp_path):
 
 
 def test_cli_errors(mmt_run, tmp_path, capsys):
-  assert plots.main([str(tmp_path / 'missing')]) == 2
+  assert plots_tool.main([str(tmp_path / 'missing')]) == 2
   assert 'metrics.jsonl' in capsys.readouterr().err
-  assert plots.main([mmt_run, mmt_run, '--compare=x.png', '--labels=a']) == 2
+  assert plots_tool.main([mmt_run, mmt_run, '--compare=x.png', '--labels=a']) == 2
   assert '--labels has 1 names for 2 work dirs' in capsys.readouterr().err
 
 

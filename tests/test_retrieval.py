@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from sklearn.metrics import average_precision_score
 
 from jaxreid import retrieval as R
+from jaxreid.retrieval import distances
 
 # ------------------------------------------------------------------ slow references
 
@@ -247,9 +248,9 @@ def test_pair_raw_host_and_jax_paths_agree():
       ('train', False, 2 * sq[cols] - 2 * dot),
       ('test', True, (sq[rows] + sq[cols] - 2 * dot) ** 2),
   ]:
-    host = R._pair_raw(x, rows, cols, mode, square)
+    host = distances.raw_distance_pairs(x, rows, cols, mode, square)
     np.testing.assert_allclose(host, ref, rtol=1e-4, atol=1e-3)
-    kernel = R._get_pair_kernel(32, mode, square)
+    kernel = distances._get_pair_kernel(32, mode, square)
     xd = jnp.asarray(x)
     r32, c32 = np.pad(rows, (0, 2)).astype(np.int32), np.pad(cols, (0, 2)).astype(np.int32)
     dev = np.asarray(kernel(xd, jnp.sum(xd * xd, 1), r32, c32))[:30]

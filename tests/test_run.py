@@ -16,8 +16,12 @@ import pytest
 
 from configs import mmt as mmt_config
 from jaxreid import checkpoint as checkpoint_lib
-from jaxreid import objectives
+from jaxreid import config_checks
+from jaxreid import evaluation
+from jaxreid import input_pipeline
+from jaxreid import methods as methods_lib
 from jaxreid import run
+from jaxreid import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +68,7 @@ def test_crash_then_resume_equals_uninterrupted_run(world_cache, tmp_path, monke
   # A run that diverges in the second adaptation epoch (parameters turn NaN) stops with a clear
   # error and keeps the checkpoint of the last good epoch.
   calls = {'adapt_epochs': 0}
-  real_run_epoch = run.run_epoch
+  real_run_epoch = train_lib.run_epoch
 
   def diverging_run_epoch(train_chunk, state, *args, **kwargs):
     if args[3].stage == config.method:  # the Progress object names the stage
@@ -73,15 +77,15 @@ def test_crash_then_resume_equals_uninterrupted_run(world_cache, tmp_path, monke
         state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
     return real_run_epoch(train_chunk, state, *args, **kwargs)
 
-  monkeypatch.setattr(run, 'run_epoch', diverging_run_epoch)
+  monkeypatch.setattr(train_lib, 'run_epoch', diverging_run_epoch)
   crashed = str(tmp_path / 'crashed')
-  with pytest.raises(run.NonFiniteLossError, match='non-finite loss.* at epoch 2'):
+  with pytest.raises(train_lib.NonFiniteLossError, match='non-finite loss.* at epoch 2'):
     run.train_and_evaluate(config, crashed)
   _, meta = final_params(crashed)
   assert meta['epoch'] == 0  # the last good checkpoint (adaptation epoch 1) is kept
 
   # Rerunning the same command resumes and ends exactly where the uninterrupted run ended.
-  monkeypatch.setattr(run, 'run_epoch', real_run_epoch)
+  monkeypatch.setattr(train_lib, 'run_epoch', real_run_epoch)
   resumed = run.train_and_evaluate(config, crashed)
   for key in ('mAP', 'top1', 'top5', 'top10'):
     assert resumed[f'{config.method} (adapted)'][key] == pytest.approx(
@@ -114,10 +118,16 @@ def test_crash_then_resume_equals_uninterrupted_run(world_cache, tmp_path, monke
   assert before['coupling/teachers'] > 0.0
   assert before['coupling/students'] == pytest.approx(before['coupling/teachers'])
   assert all(r['coupling/teacher_student'] > 0.0 and r['coupling/teachers'] > 0.0 for r in epochs)
-  # The adapted model is exported in the weight format that evaluate / search read.
-  from jaxreid import convert
+  # Where the time went: every phase recorded, and the phases fit in the wall time.
+  sys.path.insert(0, REPO)
+  from experiments import phase_breakdown
 
-  exported = convert.load_converted(os.path.join(crashed, 'model.msgpack'))
+  phases, wall = phase_breakdown.breakdown(records)
+  assert all(v is not None and v >= 0.0 for v in phases.values()), phases
+  assert 0.0 < sum(phases.values()) <= wall
+  assert phases['evaluation'] > 0.0 and phases['training'] > 0.0
+  # The adapted model is exported in the weight format that evaluate / search read.
+  exported = checkpoint_lib.read_weights(os.path.join(crashed, 'model.msgpack'))
   for a, b in zip(jax.tree.leaves(exported['params']), jax.tree.leaves(full_params['net1'])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   _check_exported_model_with_the_commands(crashed, full[f'{config.method} (adapted)'])
@@ -140,9 +150,7 @@ def test_select_best_on_test_exports_the_reported_network(world_cache, tmp_path)
   )
   ckpt.close()
   assert restored['meta']['best']['model'] == adapted['model']
-  from jaxreid import convert
-
-  exported = convert.load_converted(os.path.join(workdir, 'model.msgpack'))
+  exported = checkpoint_lib.read_weights(os.path.join(workdir, 'model.msgpack'))
   want = restored['state']['teacher_params'][adapted['model']]
   for a, b in zip(jax.tree.leaves(exported['params']), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -211,11 +219,18 @@ def test_every_loss_weight_is_a_config_field():
       (cluster_baseline, 'cluster_baseline'),
   ):
     config = module.get_config()
-    assert set(objectives.weight_names(method)) <= set(config.loss.keys()), method
+    assert set(methods_lib.get(method).weights) <= set(config.loss.keys()), method
   config = abmt.get_config()
   config.loss.soft_tri = 0.0  # the paper's "without L_stri" ablation
-  names = [t.name for t in run.loss_terms(config)]
-  assert names == ['ce_avg', 'soft_ce_avg', 'ce_max', 'soft_ce_max']
+  _, loss = methods_lib.from_config(config)
+  outputs = {
+      f'{n}/{b}/{k}': jnp.ones((4, 3)) * (i + 1)
+      for i, (n, b) in enumerate((s, b) for s in ('student1', 'teacher1') for b in ('avg', 'max'))
+      for k in ('features', 'logits')
+  }
+  _, metrics = loss(outputs, methods_lib.Labels(jnp.array([0, 0, 1, 1]), jnp.ones(3, bool)))
+  names = sorted(k[5:] for k in metrics if k.startswith('loss/') and k != 'loss/total')
+  assert names == ['ce_avg', 'ce_max', 'soft_ce_avg', 'soft_ce_max']
 
 
 def test_loss_weight_override_from_the_command_line(tmp_path):
@@ -244,10 +259,10 @@ def test_teacher_views_override_and_its_validation():
   from configs import cluster_baseline
 
   config = abmt.get_config()
-  assert run.method_spec(config).teacher_views == (0,)  # the reference: the student's view
+  assert methods_lib.from_config(config)[0].teacher_views == (0,)  # the reference: the student's
   config.train.teacher_views = (1,)
-  run.validate_config(config)
-  spec = run.method_spec(config)
+  config_checks.validate_config(config)
+  spec, _ = methods_lib.from_config(config)
   assert spec.teacher_views == (1,) and spec.student_views == (0,) and spec.num_views == 2
   for module, views, message in (
       (mmt_config, (1,), 'one view index per teacher'),
@@ -256,8 +271,10 @@ def test_teacher_views_override_and_its_validation():
   ):
     config = module.get_config()
     config.train.teacher_views = views
-    with pytest.raises(ValueError, match=r'config\.train\.teacher_views.*' + message):
-      run.validate_config(config)
+    with pytest.raises(
+        config_checks.ConfigError, match=r'config\.train\.teacher_views.*' + message
+    ):
+      config_checks.validate_config(config)
 
 
 def test_two_branch_evaluation_reports_each_branch():
@@ -281,7 +298,7 @@ def test_two_branch_evaluation_reports_each_branch():
     return out
 
   dataset = types.SimpleNamespace(query=split(q_pids, 0), gallery=split(g_pids, 1))
-  target = run.DecodedSet(
+  target = input_pipeline.DecodedSet(
       dataset=dataset, train=images(q_pids, 0), query=images(q_pids, 0), gallery=images(g_pids, 1)
   )
 
@@ -292,13 +309,13 @@ def test_two_branch_evaluation_reports_each_branch():
     f = np.concatenate([2 * eye[pid], eye[(pid + shift) % num_ids]], axis=1)
     return f / np.linalg.norm(f, axis=1, keepdims=True)
 
-  res = run.evaluate_variables(embed_fn, [{}], target, batch_size=8, branches=True)
+  res = evaluation.evaluate_variables(embed_fn, [{}], target, batch_size=8, branches=True)
   assert res['avg/mAP'] == pytest.approx(100.0) and res['avg/top1'] == pytest.approx(100.0)
   assert res['max/top1'] == 0.0 and res['max/mAP'] < 100.0
   # The joint feature weighs the avg half more (squared distance 0.4 to a true match, 1.6 to
   # the previous identity's images), so it still retrieves perfectly.
   assert res['mAP'] == pytest.approx(100.0)
-  assert 'avg/mAP' not in run.evaluate_variables(embed_fn, [{}], target, batch_size=8)
+  assert 'avg/mAP' not in evaluation.evaluate_variables(embed_fn, [{}], target, batch_size=8)
 
 
 def test_deterministic_flag_adds_the_xla_flags_keeping_the_users():
@@ -324,7 +341,7 @@ def test_divergence_with_a_finite_loss_stops_before_anything_non_finite_is_saved
   config = tiny_config()
   config.train.lr = 1e9
   workdir = str(tmp_path / 'run')
-  with pytest.raises(run.NonFiniteLossError, match='non-finite .*(gradient norm|parameters)'):
+  with pytest.raises(train_lib.NonFiniteLossError, match='non-finite .*(gradient norm|parameters)'):
     run.train_and_evaluate(config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'model.msgpack'))
   ckpt = checkpoint_lib.Checkpointer(workdir)

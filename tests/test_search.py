@@ -1,4 +1,4 @@
-"""`python -m jaxreid.search` end to end on a tiny model and folders of awkward images.
+"""`jaxreid-search` (`python -m jaxreid.search`) end to end on a tiny model and folders of awkward images.
 
 The folders mix sizes, modes (L, RGB, RGBA, P) and formats (PNG, JPEG, BMP), hold one corrupt
 file and one non-image file, and use Market-1501 names, so matches can be marked by identity.
@@ -17,13 +17,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from jaxreid import convert
+from jaxreid import checkpoint
 from jaxreid import features as features_lib
 from jaxreid import inference
 from jaxreid import input_pipeline
 from jaxreid import models
+from jaxreid import numpy_init
 from jaxreid import plots
 from jaxreid import search
+from jaxreid.tools import search as search_tool
 
 H, W = 32, 16
 MODEL = dict(arch='resnet', depth=18, width=4)
@@ -45,7 +47,7 @@ def world(tmp_path_factory):
   run = root / 'run'
   run.mkdir()
   model = models.create_model(dict(MODEL, num_classes=8))
-  convert.save_converted(str(run / 'model.msgpack'), models.init_variables(model, 3))
+  checkpoint.save_weights(str(run / 'model.msgpack'), numpy_init.init_variables(model, 3))
   (run / 'config.json').write_text(
       json.dumps(
           {
@@ -88,7 +90,7 @@ def _rank_lines(out):
 def test_search_end_to_end(world, tmp_path, capsys):
   out_png = tmp_path / 'fig' / 'retrieval.png'
   exp = tmp_path / 'exported'
-  rc = search.main(
+  rc = search_tool.main(
       [
           f'--model={world["run"]}',
           f'--query={world["query"]}',
@@ -152,7 +154,7 @@ def test_search_end_to_end(world, tmp_path, capsys):
 
   # Features are the model's: an independent extraction of the query images agrees.
   model = models.create_model(dict(MODEL, num_classes=8))
-  variables = convert.load_converted(os.path.join(world['run'], 'model.msgpack'), model)
+  variables = checkpoint.read_weights(os.path.join(world['run'], 'model.msgpack'), model)
   images = input_pipeline.decode_images(qry['paths'], H, W)
   ref = features_lib.extract_features(features_lib.make_embed_fn(model), [variables], images)
   np.testing.assert_allclose(qf, ref, atol=1e-5)
@@ -191,7 +193,7 @@ def test_names_without_identity_give_neutral_borders(world, tmp_path, capsys):
     Image.fromarray(_person(rng, n, 40, 20)).save(g / f'crop{n}.jpg')
   out_png = tmp_path / 'r.png'
   assert (
-      search.main(
+      search_tool.main(
           [
               f'--model={world["run"]}',
               f'--query={q / "someone.png"}',
@@ -218,12 +220,12 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
   empty = tmp_path / 'empty'
   (empty / 'sub').mkdir(parents=True)
   args = [f'--model={world["run"]}', f'--query={world["query"]}', '--out=']
-  assert search.main(args + [f'--gallery={empty}']) == 2
+  assert search_tool.main(args + [f'--gallery={empty}']) == 2
   err = capsys.readouterr().err
   assert 'no images' in err and str(empty) in err and 'sub-folders (sub)' in err
 
   assert (
-      search.main(
+      search_tool.main(
           [
               f'--model={world["run"]}',
               f'--query={tmp_path / "nope.jpg"}',
@@ -237,11 +239,11 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
   broken = tmp_path / 'broken'
   broken.mkdir()
   (broken / 'x.png').write_bytes(b'garbage')
-  assert search.main(args + [f'--gallery={broken}']) == 2
+  assert search_tool.main(args + [f'--gallery={broken}']) == 2
   assert 'none of the 1 file(s)' in capsys.readouterr().err
 
   assert (
-      search.main(
+      search_tool.main(
           [
               f'--model={tmp_path / "no_run"}',
               f'--query={world["query"]}',
@@ -256,7 +258,7 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
   (unfinished / 'pretrain_seed1').mkdir(parents=True)
   shutil.copy(os.path.join(world['run'], 'model.msgpack'), unfinished / 'pretrain_seed1')
   assert (
-      search.main(
+      search_tool.main(
           [f'--model={unfinished}', f'--query={world["query"]}', f'--gallery={world["gallery"]}']
       )
       == 2
@@ -281,7 +283,7 @@ def test_rank_gallery_matches_a_full_sort_and_breaks_ties_by_gallery_order():
 def test_search_writes_no_picture_unless_asked(world, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   assert (
-      search.main(
+      search_tool.main(
           [
               f'--model={world["run"]}',
               f'--query={world["query"]}',

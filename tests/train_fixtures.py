@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreid import methods as methods_lib
 from jaxreid import models
-from jaxreid import objectives
 from jaxreid import train as train_lib
 
 HEIGHT, WIDTH = 32, 16
@@ -46,12 +46,6 @@ def init_students(model, n: int, seed: int = 0):
   ]
 
 
-def method_terms(method: str):
-  if method == 'pretrain':
-    return objectives.build_objective('pretrain')
-  return objectives.build_objective(method)
-
-
 def setup(
     method: str,
     *,
@@ -63,11 +57,10 @@ def setup(
 ):
   """(model, spec, tx, state, step_fn, data) for `method` on the toy data; `teacher_views`
   overrides the method's teachers' views."""
-  spec = train_lib.METHODS[method]
+  spec = methods_lib.get(method)
   if teacher_views:
     spec = dataclasses.replace(spec, teacher_views=tuple(teacher_views))
-  arch = 'abmt' if method == 'abmt' else 'resnet'
-  model = tiny_model(arch)
+  model = tiny_model(spec.arch or 'resnet')
   tx = train_lib.make_optimizer(lr)
   students = init_students(model, spec.num_students, seed)
   images, labels, _ = toy_images(seed)
@@ -80,10 +73,9 @@ def setup(
       class_mask=models.class_mask(NUM_IDS, MAX_CLASSES),
       target_images=jnp.asarray(images),
   )
-  step_fn = train_lib.make_train_step(
-      model,
+  step_fn = methods_lib.make_train_step(
       spec,
-      method_terms(method),
+      model,
       tx,
       mesh=mesh,
       target_bn_pass=(method == 'pretrain'),

@@ -13,6 +13,9 @@ backgrounds, so a model trained on domain a does not transfer trivially.
 The world is deterministic from a seed (same bytes on every run), generated into a temporary
 folder and renamed into place (an interrupted generation is never read), and read back with the
 ordinary Market-1501 reader, so synthetic and real data share one code path.
+
+Why one long module: the renderer's many small appearance and camera factors only make sense
+read together; nothing outside this file uses them.
 """
 
 from __future__ import annotations

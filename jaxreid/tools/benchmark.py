@@ -1,0 +1,20 @@
+"""`jaxreid-benchmark`: `python -m jaxreid.benchmark` as a console script (same flags).
+
+  jaxreid-benchmark --methods=pretrain,mmt --dtypes=float32,bfloat16 --steps=5
+
+The flags are defined in `jaxreid.benchmark` (absl); see `--help`.
+"""
+
+from __future__ import annotations
+
+from jaxreid import benchmark
+from jaxreid.tools import common
+
+
+def main() -> None:
+  """Runs the benchmark on the process's arguments (exits, as `absl.app.run`)."""
+  common.run_absl_app(benchmark)
+
+
+if __name__ == '__main__':
+  main()

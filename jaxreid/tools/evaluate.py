@@ -1,0 +1,108 @@
+"""Evaluate a trained model on a data set's query / gallery split under the standard protocol.
+
+  jaxreid-evaluate --model=workdirs/mmt_duke_to_market --data=market1501 \\
+      --data_root=/data/Market-1501 [--rerank] [--export_features=feats/] [--batch_size=256]
+  (or python -m jaxreid.evaluate ...)
+
+`--model` is a work dir (its `model.msgpack` and `config.json`), a `.msgpack` file (its
+config.json is looked for next to it and in the parent folder) or a PyTorch file (converted in
+memory). Without a config.json the architecture is read off the weights' shapes and the input
+size defaults to 256x128; `--arch`, `--backbone`, `--depth`, `--width`, `--ibn`, `--height`,
+`--img_width` override either. The protocol is the Market one (same identity *and* camera removed
+from each query's gallery; mAP and CMC rank-k), as during training (`jaxreid.retrieval.evaluate`).
+A Market-layout folder needs only `query/` and `bounding_box_test/` here (no training images).
+Errors (a missing folder, weights that do not fit the model, ...) are one line; exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+from absl import flags
+
+from jaxreid import evaluate
+from jaxreid import inference
+from jaxreid.data import DataError
+from jaxreid.tools import common
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('model', None, common.MODEL_HELP, flag_values=FLAGS)
+flags.DEFINE_string(
+    'data',
+    None,
+    'data set name: market1501 (any Market-layout folder), dukemtmc, msmt17, msmt17_v2, '
+    'synthetic_a, synthetic_b',
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    'data_root',
+    '',
+    'the data set folder ($JAXREID_DATA/<name> when empty; not needed for synthetic sets)',
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+    'rerank',
+    False,
+    'k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3) before the metrics',
+    flag_values=FLAGS,
+)
+common.define_inference_flags(
+    FLAGS, exported='their paths / pids / camids (.json) and results.json'
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`jaxreid-evaluate`; argv without the program name (None: the process's). Exit status."""
+  return common.run(_evaluate, FLAGS, argv, doc=__doc__, required=('model', 'data'))
+
+
+def _evaluate() -> int:
+  try:
+    loaded = inference.load_model(FLAGS.model, common.model_overrides(FLAGS))
+    print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
+    query, gallery, desc = evaluate.load_test_splits(FLAGS.data, FLAGS.data_root, loaded.config)
+    if len(query) == 0 or len(gallery) == 0:
+      raise DataError(
+          f'{desc}: {len(query)} query and {len(gallery)} gallery images; both are needed'
+      )
+    print(
+        f'data: {desc}: {len(query)} queries ({query.num_pids} ids), {len(gallery)} gallery '
+        f'images ({gallery.num_pids} ids)',
+        flush=True,
+    )
+    t0 = time.time()
+    results, qf, gf = evaluate.evaluate_model(
+        loaded, query, gallery, batch_size=FLAGS.batch_size, rerank=FLAGS.rerank
+    )
+  except ValueError as e:  # InferenceError, DataError; e.g. no query with a true match elsewhere
+    return common.fail(e)
+  print(
+      f'features and metrics in {time.time() - t0:.1f}s'
+      f'{" (re-ranked)" if FLAGS.rerank else ""}\n'
+  )
+  print(evaluate.results_table(results))
+  if FLAGS.export_features:
+    extra = {'model': os.path.abspath(loaded.weights_path), 'data': desc}
+    written = inference.export_features(
+        FLAGS.export_features,
+        {
+            'query': dict(features=qf, paths=query.paths, pids=query.pids, camids=query.camids),
+            'gallery': dict(
+                features=gf, paths=gallery.paths, pids=gallery.pids, camids=gallery.camids
+            ),
+        },
+        extra,
+    )
+    res_path = os.path.join(FLAGS.export_features, 'results.json')
+    with open(res_path, 'w') as f:
+      json.dump({**results, 'rerank': FLAGS.rerank, **extra}, f, indent=2)
+    print('\nwrote ' + ', '.join(written + [res_path]))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
