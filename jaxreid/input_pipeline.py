@@ -341,8 +341,20 @@ class DecodedSet:
 
   @functools.cached_property
   def test_images(self) -> np.ndarray:
-    """Query then gallery images, concatenated once (evaluations reuse it)."""
-    return np.concatenate([self.query, self.gallery])
+    """Query then gallery images in one array (every evaluation extracts them together).
+
+    `load_and_decode` decodes them into one array whose halves are `query` and `gallery`, so
+    this is no copy (1.9 GB saved on Market-1501 at 256x128)."""
+    q, g, base = self.query, self.gallery, self.query.base
+    if (
+        base is not None
+        and g.base is base
+        and len(base) == len(q) + len(g)
+        and np.shares_memory(q, base[:1])
+        and np.shares_memory(g, base[-1:])
+    ):
+      return base
+    return np.concatenate([q, g])
 
 
 def load_and_decode(
@@ -359,12 +371,14 @@ def load_and_decode(
       f'{len(dataset.query.pids)} queries, {len(dataset.gallery.pids)} gallery ({dataset.root})'
   )
 
-  def decode(split):  # each process decodes its share of the images (one share: all)
+  def decode(paths):  # each process decodes its share of the images (one share: all)
     return distributed.gather_rows(
-        lambda a, b: decode_images(split.paths[a:b], height, width), len(split.paths)
+        lambda a, b: decode_images(paths[a:b], height, width), len(paths)
     )
 
-  return DecodedSet(dataset, decode(dataset.train), decode(dataset.query), decode(dataset.gallery))
+  nq = len(dataset.query.paths)
+  test = decode(np.concatenate([dataset.query.paths, dataset.gallery.paths]))
+  return DecodedSet(dataset, decode(dataset.train.paths), test[:nq], test[nq:])
 
 
 def dataset_root(config, which: str) -> str | None:

@@ -273,3 +273,13 @@ def test_sampler_passes_reachability_determinism_speed():
   t = time.perf_counter()
   out = ip.pk_epoch_indices(r, big_p, big_c, iters=400, batch_size=64)
   assert time.perf_counter() - t < 1.0 and out.shape == (400, 64)
+
+
+def test_test_images_is_the_decoded_array_not_a_copy():
+  # load_and_decode decodes query + gallery into one array; evaluation reads it without copying.
+  both = np.random.default_rng(0).integers(0, 255, (7, 4, 2, 3), dtype=np.uint8)
+  ds = ip.DecodedSet(None, both[:2], both[:3], both[3:])
+  assert ds.test_images is both
+  separate = ip.DecodedSet(None, both[:2], both[:3].copy(), both[3:].copy())
+  np.testing.assert_array_equal(separate.test_images, both)
+  assert not np.shares_memory(separate.test_images, both)
