@@ -1,0 +1,208 @@
+"""Where a CPU training step spends its time, jaxreid against PyTorch: a sampled native profile.
+
+XLA:CPU's thunks are not covered by jax.profiler's per-op tables, so both sides are sampled from
+outside with py-spy (`--native`: C++ frames included) while a worker runs the same step over and
+over after its warm-up. Every sample is attributed to the first frame of its stack (from the
+leaf) that names a known kind of work (convolution kernels, matrix products, XLA fusions,
+elementwise, allocation...), and the shares are printed side by side.
+
+  python experiments/profile_cpu_step.py --backbone=osnet_x0_25 --size=256x128x16
+  python experiments/profile_cpu_step.py --backbone=resnet --size=128x64x32 --seconds=40
+
+Needs py-spy (`pip install py-spy`) and torch (the PyTorch side: tests/torch_reference.py and
+the ResNet-50 of tests/test_convert.py, as experiments/bench_cpu_vs_torch.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (kind, regex on a native or Python frame name), first match from the leaf wins.
+KINDS = (
+    ('oneDNN / MKL-DNN kernels', r'dnnl|mkldnn|jit_avx|jit_uni|brgemm|onednn'),
+    ('XNNPACK kernels', r'xnn_|xnnpack'),
+    (
+        'Eigen convolution',
+        r'SpatialConvolution|TensorConvolution|EigenConv|conv2d.*eigen|ConvolutionThunk',
+    ),
+    ('Eigen / BLAS matrix product', r'TensorContraction|gemm|Gemm|sgemm|GEBP|gebp|DotThunk|matmul'),
+    ('XLA fused kernels (elementwise, reductions)', r'fusion|Fusion|KernelThunk|__xla_|_kernel'),
+    ('copies and transposes', r'memcpy|memmove|Copy|copy|Transpose|transpose'),
+    ('allocation', r'malloc|free|alloc|mmap|munmap'),
+    (
+        'threads waiting / scheduling',
+        r'futex|pthread_cond|sched_yield|WaitFor|Barrier|Notification',
+    ),
+    ('PyTorch ATen (other)', r'at::native|at::|c10::'),
+    ('PyTorch autograd engine', r'torch::autograd|autograd'),
+    ('Python interpreter', r'_PyEval|PyObject|Py_'),
+)
+
+
+def classify(stack: list[str]) -> str:
+  for frame in reversed(stack):  # leaf first
+    for kind, pattern in KINDS:
+      if re.search(pattern, frame):
+        return kind
+  return 'other'
+
+
+def worker(args) -> None:
+  """Runs the step forever (until killed), after a warm-up; prints READY when profiling may start."""
+  h, w, b = (int(v) for v in args.size.split('x'))
+  if args.side == 'torch':
+    sys.path.insert(0, REPO)
+    import torch
+
+    from experiments import bench_cpu_vs_torch as bench
+
+    torch.set_num_threads(2)
+    net = bench._torch_net(args.backbone)
+    opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    x, y = torch.randn(b, 3, h, w), torch.arange(b) // 4
+
+    def step():
+      net.train()
+      f, z = net(x)
+      d = torch.cdist(f, f)
+      same = y[:, None] == y[None]
+      tri = torch.nn.functional.softplus(
+          (d * same).max(1).values - (d + 1e5 * same).min(1).values
+      ).mean()
+      loss = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1) + tri
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+
+  else:
+    import jax
+    import numpy as np
+
+    from jaxreid import methods
+    from jaxreid import models
+    from jaxreid import numpy_init
+    from jaxreid import train
+
+    model = models.create_model(dict(backbone=args.backbone, depth=50, width=64, num_classes=512))
+    method = methods.get('cluster_baseline')  # CE + softmax triplet, one network, no BN pass
+    mesh = train.make_mesh()
+    tx = train.make_optimizer(3.5e-4)
+    state = train.replicate(
+        train.create_train_state(
+            method, [numpy_init.init_variables(model, 0)], tx, jax.random.PRNGKey(0)
+        ),
+        mesh,
+    )
+    rng = np.random.default_rng(0)
+    n = 4 * b
+    data = train.replicate(
+        train.EpochData(
+            images=rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
+            labels=(np.arange(n) // 4 % 512).astype(np.int32),
+            class_mask=models.class_mask(n // 4, 512),
+            target_images=np.zeros((1, h, w, 3), np.uint8),
+        ),
+        mesh,
+    )
+    chunk = train.make_train_chunk(
+        methods.make_train_step(method, model, tx, erasing_prob=0.0, mesh=mesh), mesh
+    )
+    idx = rng.permutation(n)[:b].astype(np.int32)[None]
+
+    def step():
+      nonlocal state
+      state, m = chunk(state, data, idx, idx)
+      jax.block_until_ready(m)
+
+  step()
+  step()
+  print('READY', flush=True)
+  while True:
+    step()
+
+
+def profile(args, side: str) -> collections.Counter:
+  cmd = [
+      sys.executable,
+      __file__,
+      '--worker',
+      f'--side={side}',
+      f'--backbone={args.backbone}',
+      f'--size={args.size}',
+  ]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith('READY'):
+        break
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, 'raw.txt')
+      subprocess.run(
+          [
+              'py-spy',
+              'record',
+              '--native',
+              '--rate',
+              str(args.rate),
+              '--format',
+              'raw',
+              '--duration',
+              str(args.seconds),
+              '--pid',
+              str(proc.pid),
+              '--output',
+              out,
+          ],
+          check=True,
+          capture_output=True,
+      )
+      counts = collections.Counter()
+      with open(out) as f:
+        for line in f:  # "frame;frame;...;leaf count"
+          stack, _, n = line.rstrip().rpartition(' ')
+          counts[classify(stack.split(';'))] += int(n)
+      return counts
+  finally:
+    proc.kill()
+    proc.wait()
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--backbone', default='osnet_x0_25')
+  p.add_argument('--size', default='256x128x16', help='HEIGHTxWIDTHxBATCH')
+  p.add_argument('--seconds', type=int, default=30)
+  p.add_argument('--rate', type=int, default=50)
+  p.add_argument('--worker', action='store_true')
+  p.add_argument('--side', default='jax')
+  args = p.parse_args()
+  if args.worker:
+    return worker(args)
+  t0 = time.time()
+  result = {side: profile(args, side) for side in ('jax', 'torch')}
+  kinds = sorted(set(result['jax']) | set(result['torch']), key=lambda k: -result['jax'][k])
+  totals = {s: max(1, sum(c.values())) for s, c in result.items()}
+  print(
+      f'\n{args.backbone} {args.size}, {args.seconds} s sampled per side at {args.rate} Hz '
+      f'(all threads), {time.time() - t0:.0f} s in all'
+  )
+  print('| kind of work | jaxreid share | PyTorch share |')
+  print('|---|---|---|')
+  for k in kinds:
+    print(
+        f'| {k} | {100 * result["jax"][k] / totals["jax"]:.1f}% | '
+        f'{100 * result["torch"][k] / totals["torch"]:.1f}% |'
+    )
+
+
+if __name__ == '__main__':
+  main()
