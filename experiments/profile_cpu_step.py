@@ -125,6 +125,14 @@ def worker(args) -> None:
 
   step()
   step()
+  if args.timed:  # just the step time, e.g. to compare allocators / XLA flags
+    t0 = time.perf_counter()
+    for _ in range(args.timed):
+      step()
+    print(
+        f'{args.side} {args.backbone} {args.size}: {1000 * (time.perf_counter() - t0) / args.timed:.0f} ms/step'
+    )
+    return
   print('READY', flush=True)
   while True:
     step()
@@ -145,7 +153,7 @@ def profile(args, side: str) -> collections.Counter:
       if line.startswith('READY'):
         break
     with tempfile.TemporaryDirectory() as tmp:
-      out = os.path.join(tmp, 'raw.txt')
+      out = os.path.join(args.raw_dir or tmp, f'{side}_raw.txt')
       subprocess.run(
           [
               'py-spy',
@@ -182,13 +190,17 @@ def main():
   p.add_argument('--size', default='256x128x16', help='HEIGHTxWIDTHxBATCH')
   p.add_argument('--seconds', type=int, default=30)
   p.add_argument('--rate', type=int, default=50)
+  p.add_argument('--raw_dir', default='', help='keep the raw py-spy samples here')
+  p.add_argument('--sides', default='jax,torch')
   p.add_argument('--worker', action='store_true')
+  p.add_argument('--timed', type=int, default=0, help='with --worker: time this many steps')
   p.add_argument('--side', default='jax')
   args = p.parse_args()
   if args.worker:
     return worker(args)
   t0 = time.time()
-  result = {side: profile(args, side) for side in ('jax', 'torch')}
+  result = {side: profile(args, side) for side in args.sides.split(',')}
+  result = {s: result.get(s, collections.Counter()) for s in ('jax', 'torch')}
   kinds = sorted(set(result['jax']) | set(result['torch']), key=lambda k: -result['jax'][k])
   totals = {s: max(1, sum(c.values())) for s, c in result.items()}
   print(
