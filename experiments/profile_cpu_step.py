@@ -1,15 +1,16 @@
 """Where a CPU training step spends its time, jaxreid against PyTorch: a sampled native profile.
 
 XLA:CPU's thunks are not covered by jax.profiler's per-op tables, so both sides are sampled from
-outside with py-spy (`--native`: C++ frames included) while a worker runs the same step over and
-over after its warm-up. Every sample is attributed to the first frame of its stack (from the
-leaf) that names a known kind of work (convolution kernels, matrix products, XLA fusions,
-elementwise, allocation...), and the shares are printed side by side.
+outside while a worker runs the same step over and over after its warm-up: with `perf` (default;
+every thread, which matters because XLA runs its kernels on threads of its own) or with py-spy
+(`--native`, Python threads only). Every sample is attributed to a kind of work (XLA's
+JIT-compiled fusions, YNNPACK / oneDNN / Eigen kernels, the Linux kernel's page handling,
+allocation...), and the shares are printed side by side.
 
   python experiments/profile_cpu_step.py --backbone=osnet_x0_25 --size=256x128x16
   python experiments/profile_cpu_step.py --backbone=resnet --size=128x64x32 --seconds=40
 
-Needs py-spy (`pip install py-spy`) and torch (the PyTorch side: tests/torch_reference.py and
+Needs perf (Debian: linux-perf) or py-spy (`pip install py-spy`), and torch (the PyTorch side: tests/torch_reference.py and
 the ResNet-50 of tests/test_convert.py, as experiments/bench_cpu_vs_torch.py).
 """
 
@@ -29,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (kind, regex on a native or Python frame name), first match from the leaf wins.
 KINDS = (
     ('oneDNN / MKL-DNN kernels', r'dnnl|mkldnn|jit_avx|jit_uni|brgemm|onednn'),
-    ('XNNPACK kernels', r'xnn_|xnnpack'),
+    ('XNNPACK / YNNPACK kernels', r'xnn_|xnnpack|ynn::'),
     (
         'Eigen convolution',
         r'SpatialConvolution|TensorConvolution|EigenConv|conv2d.*eigen|ConvolutionThunk',
@@ -54,6 +55,63 @@ def classify(stack: list[str]) -> str:
       if re.search(pattern, frame):
         return kind
   return 'other'
+
+
+def classify_perf(dso: str, sym: str) -> str:
+  """A perf sample's kind from its shared object and symbol (XLA's JIT code has no symbols)."""
+  if dso.startswith('[JIT]'):
+    return 'XLA JIT-compiled kernels (fusions, elementwise, reductions)'
+  if dso.startswith('[kernel'):
+    return 'Linux kernel (page faults, page zeroing, scheduling)'
+  if dso.startswith('libgomp'):  # OpenMP workers spinning while they wait for work (PyTorch)
+    return 'threads waiting / scheduling'
+  return classify([sym])
+
+
+def sample_perf(pid: int, seconds: int, rate: int, raw_dir: str) -> collections.Counter:
+  """Shares (percent) of every thread's samples by kind, from `perf record` / `perf report`."""
+  with tempfile.TemporaryDirectory() as tmp:
+    data = os.path.join(raw_dir or tmp, f'perf_{pid}.data')
+    subprocess.run(
+        [
+            'perf',
+            'record',
+            '-F',
+            str(rate),
+            '-p',
+            str(pid),
+            '-o',
+            data,
+            '--',
+            'sleep',
+            str(seconds),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    report = subprocess.run(
+        [
+            'perf',
+            'report',
+            '-i',
+            data,
+            '--no-children',
+            '--sort',
+            'dso,sym',
+            '--stdio',
+            '-g',
+            'none',
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+  counts = collections.Counter()
+  for line in report.splitlines():  # "  5.68%  libjax_common.so  [.] ynn::multiply..."
+    m = re.match(r'\s*([\d.]+)%\s+(\S+(?: tid \d+)?)\s+\[.\]\s+(.*)', line)
+    if m:
+      counts[classify_perf(m.group(2), m.group(3))] += float(m.group(1))
+  return counts
 
 
 def worker(args) -> None:
@@ -152,6 +210,8 @@ def profile(args, side: str) -> collections.Counter:
     for line in proc.stdout:
       if line.startswith('READY'):
         break
+    if args.profiler == 'perf':  # shares in percent, whatever the sample count
+      return sample_perf(proc.pid, args.seconds, args.rate, args.raw_dir)
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(args.raw_dir or tmp, f'{side}_raw.txt')
       subprocess.run(
@@ -192,6 +252,12 @@ def main():
   p.add_argument('--rate', type=int, default=50)
   p.add_argument('--raw_dir', default='', help='keep the raw py-spy samples here')
   p.add_argument('--sides', default='jax,torch')
+  p.add_argument(
+      '--profiler',
+      default='perf',
+      choices=('perf', 'py-spy'),
+      help='perf samples every thread (XLA runs on its own threads); py-spy only Python threads',
+  )
   p.add_argument('--worker', action='store_true')
   p.add_argument('--timed', type=int, default=0, help='with --worker: time this many steps')
   p.add_argument('--side', default='jax')
@@ -205,7 +271,7 @@ def main():
   totals = {s: max(1, sum(c.values())) for s, c in result.items()}
   print(
       f'\n{args.backbone} {args.size}, {args.seconds} s sampled per side at {args.rate} Hz '
-      f'(all threads), {time.time() - t0:.0f} s in all'
+      f'({args.profiler}), {time.time() - t0:.0f} s in all'
   )
   print('| kind of work | jaxreid share | PyTorch share |')
   print('|---|---|---|')
