@@ -450,8 +450,7 @@ def finish(run: Adaptation, state, loop: LoopState, workdir: str) -> dict:
     selected, export_state = dict(loop.last_results, selection='last epoch'), state
   path = os.path.join(workdir, 'model.msgpack')
   network = selected.get('model', run.method.networks[0])
-  if distributed.is_primary():
-    checkpoint_lib.save_weights(path, export_state.variables(network, teacher=run.method.ema))
+  checkpoint_lib.save_weights(path, export_state.variables(network, teacher=run.method.ema))
   log(f'[export] model written to {path}')
   run.ckpt.close()
   return selected

@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxreid import convert
+from jaxreid import distributed
 from jaxreid import models
 from jaxreid.metrics_writer import log
 
@@ -118,8 +119,12 @@ class Checkpointer:
 
 def save_weights(path: str, variables: Mapping) -> None:
   """Writes `{'params', 'batch_stats'}` of `variables` (host or device arrays) as flax msgpack
-  of numpy leaves; written next to `path`, then renamed (never half a file)."""
+  of numpy leaves; written next to `path`, then renamed (never half a file). In a run of
+  several processes (`jaxreid.distributed`) only process 0 writes."""
   from flax import serialization
+
+  if not distributed.is_primary():
+    return
 
   tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   data = serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, tree))

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 
 from jaxreid import checkpoint as checkpoint_lib
-from jaxreid import distributed
 from jaxreid import evaluation
 from jaxreid import features as features_lib
 from jaxreid import input_pipeline
@@ -138,8 +137,7 @@ def pretrain(
   variables = jax.device_get(state.variables('net1'))
   # The source model in the project's weight format, reusable via config.init.checkpoints.
   path = os.path.join(workdir, 'model.msgpack')
-  if distributed.is_primary():
-    checkpoint_lib.save_weights(path, variables)
+  checkpoint_lib.save_weights(path, variables)
   log(f'[export] model written to {path}')
   return variables
 
