@@ -1,18 +1,24 @@
-"""jaxreid vs a PyTorch step of the same work, on this CPU, measured in one run (issue 7, item 4).
+"""jaxreid vs a PyTorch step of the same work, on this CPU, measured in one run (issues 7, 16).
 
-PyTorch side: the reference's ResNet-50 layout (the test suite's torchvision-layout modules in
-tests/test_convert.py, the ones the weight-conversion parity tests use), random init, 2 threads:
+PyTorch side, random init, `--threads` threads, in the layouts the conversion parity tests check
+(ResNet-50 as in MMT's reference, tests/test_convert.py; torchreid's OSNet and torchvision's
+MobileNetV2 with last stride 1, tests/torch_reference.py), each with the re-ID head jaxreid uses
+(BN neck + bias-free classifier; OSNet: torchreid's fc + BN + ReLU) and ABMT's two branches:
   pretrain: source forward + backward (CE + batch-hard softmax triplet) + Adam step, plus the
             no-grad train-mode target forward that updates BN statistics;
-  mmt:      two students forward + backward, two EMA teachers forward (no grad), EMA update.
-jaxreid side: `python -m jaxreid.benchmark` (the trainer's own step) in a subprocess, optionally
-under several XLA_FLAGS settings.
+  mmt:      two students forward + backward (CE, triplet, soft CE against the other teacher),
+            two EMA teachers forward (no grad), EMA update;
+  abmt:     one two-branch student forward + backward (CE and triplet per branch, soft CE against
+            the teacher's other branch), its EMA teacher forward (no grad), EMA update.
+The loss terms differ in small details from jaxreid's (e.g. no soft triplet); their cost is
+negligible next to the networks'. jaxreid side: `python -m jaxreid.benchmark` (the trainer's own
+step) in a subprocess, optionally under several XLA_FLAGS settings.
 
 Usage:
-  python experiments/bench_cpu_vs_torch.py                       # both sizes, both methods
-  python experiments/bench_cpu_vs_torch.py --sizes=128x64x32 --methods=pretrain \
-      --xla_flags="" --xla_flags="--xla_cpu_multi_thread_eigen=false"
-Prints a markdown table with img/s for both and the ratio.
+  python experiments/bench_cpu_vs_torch.py          # every backbone, method and size (~1 h here)
+  python experiments/bench_cpu_vs_torch.py --backbones=osnet_x0_25 --sizes=128x64x32 \
+      --methods=abmt --xla_flags="" --xla_flags="--xla_cpu_use_onednn=true" --json=out.json
+Prints a markdown table with img/s for both and the ratio; `--json` writes the same rows.
 """
 
 from __future__ import annotations
@@ -28,28 +34,84 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _torch_net(backbone: str):
-  """(f, logits)-returning PyTorch network of the backbone, in its reference layout."""
+def _torch_trunk(backbone: str):
+  """(shared stages, last stage, ABMT's extra block, feature width, OSNet head?) in PyTorch,
+  the layouts the conversion parity tests check: ResNet-50 as in MMT's reference
+  (tests/test_convert.py), torchreid's OSNet and torchvision's MobileNetV2 with last stride 1
+  (tests/torch_reference.py). The last stage is the one ABMT duplicates (models.branch_stage)."""
   import torch
 
   if backbone == 'resnet':
-    from tests.test_convert import TMMT  # the reference layout, as in the parity tests
-    from tests.test_convert import TResNet  # the reference layout, as in the parity tests
+    from tests.test_convert import TBottleneck
+    from tests.test_convert import TResNet
 
-    return TMMT(TResNet(50), 512)
+    r = TResNet(50)
+    base = torch.nn.Sequential(*r.stem(), r.layer1, r.layer2, r.layer3)
+    return base, r.layer4, TBottleneck(r.dim, r.dim // 4), r.dim, False
   from tests import torch_reference as tr
 
-  class TorchreidPair(torch.nn.Module):  # torchreid's loss='triplet' output order is (y, v)
+  if backbone == 'mobilenetv2':
+    f = tr.set_last_stride_1(tr.mobilenet_v2()).features
+    last = torch.nn.Sequential(*f[14:])
+    return torch.nn.Sequential(*f[:14]), last, tr.InvertedResidual(320, 320, 1, 6), 1280, False
+  n = getattr(tr, backbone)(num_classes=512, loss='triplet')
+  last = torch.nn.Sequential(n.conv4, n.conv5)
+  c = n.conv5.conv.out_channels
+  return torch.nn.Sequential(n.conv1, n.maxpool, n.conv2, n.conv3), last, tr.OSBlock(c, c), c, True
+
+
+def _torch_net(backbone: str, arch: str):
+  """A PyTorch re-ID network whose train forward returns [(f, logits)] per branch: one branch
+  (`arch='resnet'`, MMT's layout) or ABMT's avg + max branches (`arch='abmt'`: a copy of the last
+  stage plus the extra block, max pooling; docs/reference.md section 1)."""
+  import copy
+
+  import torch
+
+  base, last, extra, dim, osnet_head = _torch_trunk(backbone)
+
+  class Head(torch.nn.Module):
+    """ResNet / MobileNetV2: f -> BN neck (bias frozen) -> classifier; OSNet: torchreid's fc
+    (Linear + BN + ReLU) -> classifier."""
 
     def __init__(self):
       super().__init__()
-      self.net = getattr(tr, backbone)(num_classes=512, loss='triplet')
+      if osnet_head:
+        self.fc = torch.nn.Linear(dim, 512)
+        self.neck = torch.nn.Sequential(torch.nn.BatchNorm1d(512), torch.nn.ReLU())
+        width = 512
+      else:
+        self.fc = torch.nn.Identity()
+        self.neck = torch.nn.BatchNorm1d(dim)
+        self.neck.bias.requires_grad_(False)
+        width = dim
+      self.classifier = torch.nn.Linear(width, 512, bias=False)
+
+    def forward(self, pooled):
+      f = self.fc(pooled)
+      return f, self.classifier(self.neck(f))
+
+  class Net(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.base, self.avg_branch, self.avg_head = base, last, Head()
+      if arch == 'abmt':
+        if backbone == 'mobilenetv2':  # the extra block goes before the 1x1 conv to 1280
+          copied = copy.deepcopy(last)
+          self.max_branch = torch.nn.Sequential(*copied[:-1], extra, copied[-1])
+        else:
+          self.max_branch = torch.nn.Sequential(copy.deepcopy(last), extra)
+        self.max_head = Head()
 
     def forward(self, x):
-      y, v = self.net(x)
-      return v, y
+      t = self.base(x)
+      out = [self.avg_head(self.avg_branch(t).mean((2, 3)))]
+      if arch == 'abmt':
+        out.append(self.max_head(self.max_branch(t).amax((2, 3))))
+      return out
 
-  return TorchreidPair()
+  return Net()
 
 
 def torch_step_rate(
@@ -61,13 +123,17 @@ def torch_step_rate(
     threads: int,
     backbone: str = 'resnet',
 ) -> float:
+  """Images per second of the PyTorch step of `method` (pretrain | mmt | abmt), as described in
+  the module docstring."""
   import torch
+  import torch.nn.functional as F
 
   sys.path.insert(0, REPO)
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  nets = [_torch_net(backbone) for _ in range(2 if method == 'mmt' else 1)]
-  teachers = [_torch_net(backbone) for _ in nets] if method == 'mmt' else []
+  arch = 'abmt' if method == 'abmt' else 'resnet'
+  nets = [_torch_net(backbone, arch) for _ in range(2 if method == 'mmt' else 1)]
+  teachers = [_torch_net(backbone, arch) for _ in nets] if method != 'pretrain' else []
   for t, s in zip(teachers, nets):
     t.load_state_dict(s.state_dict())
     for p in t.parameters():
@@ -82,20 +148,30 @@ def torch_step_rate(
     same = y[:, None] == y[None]
     ap = (d * same).max(1).values
     an = (d + 1e5 * same).min(1).values
-    return torch.nn.functional.softplus(ap - an).mean()
+    return F.softplus(ap - an).mean()
+
+  def soft_ce(z, zt):
+    return -(F.softmax(zt, 1) * F.log_softmax(z, 1)).sum(1).mean()
 
   def step():
-    loss = 0.0
-    for net in nets:
-      net.train()
-      f, z = net(x)
-      loss = loss + torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1) + triplet(f)
+    for n in nets + teachers:
+      n.train()
+    outs = [net(x) for net in nets]
     with torch.no_grad():
-      for t in teachers:
-        t.train()
-        t(x)
+      touts = [t(x) for t in teachers]
       if method == 'pretrain':
         nets[0](x)  # the target batch's no-grad BN pass
+    loss = 0.0
+    for out in outs:
+      for f, z in out:
+        loss = loss + F.cross_entropy(z, y, label_smoothing=0.1) + triplet(f)
+    if method == 'mmt':  # student i against the other teacher
+      for ((_, z),), ((_, zt),) in zip(outs, touts[::-1]):
+        loss = loss + soft_ce(z, zt)
+    if method == 'abmt':  # each branch against the teacher's other branch
+      (_, za), (_, zm) = outs[0]
+      (_, ta), (_, tm) = touts[0]
+      loss = loss + soft_ce(za, tm) + soft_ce(zm, ta)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -156,12 +232,11 @@ def main():
   p.add_argument(
       '--sizes', default='256x128x16,128x64x32', help='comma-separated HEIGHTxWIDTHxBATCH'
   )
-  p.add_argument('--methods', default='pretrain,mmt')
+  p.add_argument('--methods', default='pretrain,mmt,abmt')
   p.add_argument(
       '--backbones',
-      default='resnet',
-      help='comma-separated: resnet (ResNet-50), osnet_x0_25, ... (PyTorch side: '
-      'tests/torch_reference.py)',
+      default='resnet,osnet_x0_25,mobilenetv2',
+      help='comma-separated: resnet (ResNet-50), osnet_x1_0 .. osnet_x0_25, mobilenetv2',
   )
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--threads', type=int, default=2)
@@ -171,6 +246,7 @@ def main():
       default=None,
       help='XLA_FLAGS values to compare for jaxreid (repeatable; default: as set)',
   )
+  p.add_argument('--json', default='', help='also write the rows to this JSON file')
   args = p.parse_args()
   variants = args.xla_flags or [os.environ.get('XLA_FLAGS', '')]
   rows = []
@@ -196,6 +272,18 @@ def main():
     ratio = f'{j / t:.2f}' if j else 'failed'
     jtxt = f'{j:.2f}' if j else 'failed'
     print(f'| {backbone} | {size} | {b} | {method} | `{flags}` | {t:.2f} | {jtxt} | {ratio} |')
+  if args.json:
+    keys = ('backbone', 'size', 'batch', 'method', 'xla_flags', 'torch_img_s', 'jaxreid_img_s')
+    with open(args.json, 'w') as f:
+      json.dump(
+          {
+              'threads': args.threads,
+              'steps': args.steps,
+              'rows': [dict(zip(keys, r), ratio=(r[6] / r[5]) if r[6] else None) for r in rows],
+          },
+          f,
+          indent=1,
+      )
 
 
 if __name__ == '__main__':

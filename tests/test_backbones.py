@@ -409,3 +409,30 @@ def test_abmt_from_a_single_branch_model_starts_with_an_identity_extra_block():
   joint = _jax_features(abmt, warm, x)
   half = joint[:, 512:] / np.linalg.norm(joint[:, 512:], axis=1, keepdims=True)
   np.testing.assert_allclose(_jax_features(plain, max_only, x), half, atol=1e-5)
+
+
+@pytest.mark.parametrize('backbone', ['resnet', 'osnet_x0_25', 'mobilenetv2'])
+@pytest.mark.parametrize('arch', ['resnet', 'abmt'])
+def test_benchmark_pytorch_networks_do_the_same_work_as_jaxreids(backbone, arch):
+  """experiments/bench_cpu_vs_torch.py compares step times, which means nothing unless its
+  PyTorch network is jaxreid's: same trainable parameters (count), same feature widths."""
+  torch = pytest.importorskip('torch')
+  from experiments import bench_cpu_vs_torch
+
+  net = bench_cpu_vs_torch._torch_net(backbone, arch)
+  trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+  model = models.create_model(backbone=backbone, arch=arch, num_classes=512)
+  params = models.abstract_variables(model, 64, 32)['params']
+  assert trainable == models.count_params(params)
+  net.train()
+  out = net(torch.randn(2, 3, 64, 32))
+  assert len(out) == (2 if arch == 'abmt' else 1)
+  jax_out = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0],
+      models.abstract_variables(model, 64, 32, batch=2),
+      jax.ShapeDtypeStruct((2, 64, 32, 3), jnp.float32),
+  )
+  keys = ('avg/', 'max/') if arch == 'abmt' else ('',)
+  for (f, z), k in zip(out, keys):
+    assert tuple(f.shape) == jax_out[f'{k}features'].shape
+    assert tuple(z.shape) == jax_out[f'{k}logits'].shape
