@@ -20,6 +20,7 @@ import argparse
 import collections
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -124,13 +125,13 @@ def worker(args) -> None:
     from experiments import bench_cpu_vs_torch as bench
 
     torch.set_num_threads(2)
-    net = bench._torch_net(args.backbone)
+    net = bench._torch_net(args.backbone, 'resnet')
     opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, weight_decay=5e-4)
     x, y = torch.randn(b, 3, h, w), torch.arange(b) // 4
 
     def step():
       net.train()
-      f, z = net(x)
+      ((f, z),) = net(x)
       d = torch.cdist(f, f)
       same = y[:, None] == y[None]
       tri = torch.nn.functional.softplus(
@@ -142,8 +143,16 @@ def worker(args) -> None:
       opt.step()
 
   else:
+    from jaxreid import host_memory
+
+    if args.keep_memory == 'before':
+      host_memory.keep_freed_memory()
     import jax
     import numpy as np
+
+    jax.devices()
+    if args.keep_memory == 'after':  # once JAX's CPU client and its threads exist
+      host_memory.keep_freed_memory()
 
     from jaxreid import methods
     from jaxreid import models
@@ -183,12 +192,17 @@ def worker(args) -> None:
 
   step()
   step()
-  if args.timed:  # just the step time, e.g. to compare allocators / XLA flags
+  if args.timed:  # step time and page faults, e.g. to compare allocators / XLA flags
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     for _ in range(args.timed):
       step()
+    ms = 1000 * (time.perf_counter() - t0) / args.timed
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.timed
+    # Each minor fault hands the process one fresh (zeroed) 4 KiB page.
     print(
-        f'{args.side} {args.backbone} {args.size}: {1000 * (time.perf_counter() - t0) / args.timed:.0f} ms/step'
+        f'{args.side} {args.backbone} {args.size}: {ms:.0f} ms/step, {faults:,.0f} page faults'
+        f'/step ({faults * 4096 / 2**20:,.0f} MiB of fresh pages)'
     )
     return
   print('READY', flush=True)
@@ -261,6 +275,12 @@ def main():
   p.add_argument('--worker', action='store_true')
   p.add_argument('--timed', type=int, default=0, help='with --worker: time this many steps')
   p.add_argument('--side', default='jax')
+  p.add_argument(
+      '--keep_memory',
+      default='none',
+      choices=('none', 'before', 'after'),
+      help="jax side: host_memory.keep_freed_memory() before / after JAX's CPU client exists",
+  )
   args = p.parse_args()
   if args.worker:
     return worker(args)

@@ -25,6 +25,8 @@ import time
 from absl import app
 from absl import flags
 
+from jaxreid import host_memory  # defines --keep_host_memory
+
 flags.DEFINE_list('methods', ['pretrain', 'mean_teacher', 'mmt', 'abmt'], 'Methods to measure.')
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to measure.')
 flags.DEFINE_string('backbone', 'resnet', "'resnet', 'osnet_x1_0' .. 'osnet_x0_25', 'mobilenetv2'.")
@@ -53,6 +55,7 @@ flags.DEFINE_integer(
     'Feature dimension for the clustering measurement ' "(0 = the model's; 2048 = ResNet-50).",
 )
 flags.DEFINE_bool('scan', None, 'Use lax.scan for the step loop (default: not on CPU).')
+
 FLAGS = flags.FLAGS
 
 # Dense peak TFLOP/s by device kind (vendor figures); used for MFU where known. On NVIDIA GPUs
@@ -219,6 +222,7 @@ def measure_clustering(method: str, dim: int) -> tuple[float, float]:
 
 def main(argv):
   del argv
+  host_memory.apply(FLAGS.keep_host_memory)  # as the trainer does, before JAX starts
   import jax
 
   device = jax.devices()[0]

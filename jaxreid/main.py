@@ -14,6 +14,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from jaxreid import host_memory  # defines --keep_host_memory
+
 config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py[:task]).', lock_config=True
 )
@@ -73,6 +75,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress is ours
   if FLAGS.deterministic:  # read when the backend starts, i.e. before any device use below
     os.environ['XLA_FLAGS'] = deterministic_xla_flags(os.environ.get('XLA_FLAGS', ''))
+  host_memory.apply(FLAGS.keep_host_memory)  # before JAX's CPU client starts its threads
   import jax
 
   if FLAGS.num_processes > 1:
