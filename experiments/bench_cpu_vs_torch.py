@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _torch_trunk(backbone: str):
-  """(shared stages, last stage, ABMT's extra block, feature width, OSNet head?) in PyTorch,
+  """(shared stages, last stage, ABMT's extra block, feature width) in PyTorch,
   the layouts the conversion parity tests check: ResNet-50 as in MMT's reference
   (tests/test_convert.py), torchreid's OSNet and torchvision's MobileNetV2 with last stride 1
   (tests/torch_reference.py). The last stage is the one ABMT duplicates (models.branch_stage)."""
@@ -47,17 +47,17 @@ def _torch_trunk(backbone: str):
 
     r = TResNet(50)
     base = torch.nn.Sequential(*r.stem(), r.layer1, r.layer2, r.layer3)
-    return base, r.layer4, TBottleneck(r.dim, r.dim // 4), r.dim, False
+    return base, r.layer4, TBottleneck(r.dim, r.dim // 4), r.dim
   from tests import torch_reference as tr
 
   if backbone == 'mobilenetv2':
     f = tr.set_last_stride_1(tr.mobilenet_v2()).features
     last = torch.nn.Sequential(*f[14:])
-    return torch.nn.Sequential(*f[:14]), last, tr.InvertedResidual(320, 320, 1, 6), 1280, False
+    return torch.nn.Sequential(*f[:14]), last, tr.InvertedResidual(320, 320, 1, 6), 1280
   n = getattr(tr, backbone)(num_classes=512, loss='triplet')
   last = torch.nn.Sequential(n.conv4, n.conv5)
   c = n.conv5.conv.out_channels
-  return torch.nn.Sequential(n.conv1, n.maxpool, n.conv2, n.conv3), last, tr.OSBlock(c, c), c, True
+  return torch.nn.Sequential(n.conv1, n.maxpool, n.conv2, n.conv3), last, tr.OSBlock(c, c), c
 
 
 def _torch_net(backbone: str, arch: str):
@@ -68,7 +68,7 @@ def _torch_net(backbone: str, arch: str):
 
   import torch
 
-  base, last, extra, dim, osnet_head = _torch_trunk(backbone)
+  base, last, extra, dim = _torch_trunk(backbone)
 
   class Head(torch.nn.Module):
     """ResNet / MobileNetV2: f -> BN neck (bias frozen) -> classifier; OSNet: torchreid's fc
@@ -76,7 +76,7 @@ def _torch_net(backbone: str, arch: str):
 
     def __init__(self):
       super().__init__()
-      if osnet_head:
+      if backbone.startswith('osnet'):
         self.fc = torch.nn.Linear(dim, 512)
         self.neck = torch.nn.Sequential(torch.nn.BatchNorm1d(512), torch.nn.ReLU())
         width = 512

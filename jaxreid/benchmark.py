@@ -55,7 +55,6 @@ flags.DEFINE_integer(
     'Feature dimension for the clustering measurement ' "(0 = the model's; 2048 = ResNet-50).",
 )
 flags.DEFINE_bool('scan', None, 'Use lax.scan for the step loop (default: not on CPU).')
-
 FLAGS = flags.FLAGS
 
 # Dense peak TFLOP/s by device kind (vendor figures); used for MFU where known. On NVIDIA GPUs

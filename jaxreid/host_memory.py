@@ -8,7 +8,8 @@ than 32 MiB (and everything from its per-thread arenas, whose heaps it shrinks) 
 OSNet x0.25 at 256x128 batch 16 (236,000 page faults per step, 27% of the profiled step spent
 in the kernel zeroing pages). Serving every allocation from the one main heap (`M_ARENA_MAX` 1,
 `M_MMAP_MAX` 0) and never trimming it (`M_TRIM_THRESHOLD`) lets the next step reuse the same
-pages: 2 page faults per step. All three are needed; any two leave the faults.
+pages: 0-2 page faults per step. Each of them alone, and the pairs tried (arena + trim, mmap +
+trim), left the faults.
 
 The cost: the process keeps its peak heap (freed memory is reused, not returned), and one arena
 serialises small allocations of concurrent threads. The settings are glibc's `mallopt`; other C
@@ -39,7 +40,8 @@ flags.DEFINE_enum(
     'Let the C allocator reuse freed memory instead of returning it (jaxreid.host_memory: the CPU '
     'train step stops faulting in ~1 GB of fresh pages per step). auto: on for CPU-only runs.',
 )
-# JAX's accelerator plugins (PJRT plugins live in the jax_plugins namespace); where one is installed the train step's buffers live on the device.
+# JAX's accelerator plugins (PJRT plugins live in the jax_plugins namespace); where one is
+# installed, the train step's buffers live on the device.
 _ACCELERATOR_MODULES = ('jax_plugins', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu')
 
 

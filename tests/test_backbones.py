@@ -422,14 +422,14 @@ def test_benchmark_pytorch_networks_do_the_same_work_as_jaxreids(backbone, arch)
   net = bench_cpu_vs_torch._torch_net(backbone, arch)
   trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
   model = models.create_model(backbone=backbone, arch=arch, num_classes=512)
-  params = models.abstract_variables(model, 64, 32)['params']
-  assert trainable == models.count_params(params)
+  variables = models.abstract_variables(model, 64, 32, batch=2)
+  assert trainable == models.count_params(variables['params'])
   net.train()
   out = net(torch.randn(2, 3, 64, 32))
   assert len(out) == (2 if arch == 'abmt' else 1)
   jax_out = jax.eval_shape(
       lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0],
-      models.abstract_variables(model, 64, 32, batch=2),
+      variables,
       jax.ShapeDtypeStruct((2, 64, 32, 3), jnp.float32),
   )
   keys = ('avg/', 'max/') if arch == 'abmt' else ('',)
