@@ -227,7 +227,7 @@ def main(argv):
   device = jax.devices()[0]
   print(
       f'devices: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}); '
-      f'ResNet-{FLAGS.depth} width {FLAGS.width}, {FLAGS.height}x{FLAGS.img_width}, '
+      f'{network_name()}, {FLAGS.height}x{FLAGS.img_width}, '
       f'batch {FLAGS.batch}',
       flush=True,
   )
@@ -267,6 +267,7 @@ def main(argv):
               'flags': {
                   k: FLAGS[k].value
                   for k in (
+                      'backbone',
                       'depth',
                       'width',
                       'height',
@@ -284,6 +285,13 @@ def main(argv):
           indent=2,
       )
     print(f'wrote {FLAGS.json}')
+
+
+def network_name() -> str:
+  """The measured network, as the banner names it."""
+  if FLAGS.backbone == 'resnet':
+    return f'ResNet-{FLAGS.depth} width {FLAGS.width}'
+  return FLAGS.backbone
 
 
 def format_row(r: dict) -> str:

@@ -11,9 +11,13 @@ in the kernel zeroing pages). Serving every allocation from the one main heap (`
 pages: 0-2 page faults per step. Each of them alone, and the pairs tried (arena + trim, mmap +
 trim), left the faults.
 
-The cost: the process keeps its peak heap (freed memory is reused, not returned), and one arena
-serialises small allocations of concurrent threads. The settings are glibc's `mallopt`; other C
-libraries (musl, macOS) are left alone.
+The cost, measured on the two-network steps (MMT at 256x128 batch 16, `python -m
+jaxreid.benchmark --keep_host_memory=on|off` alternated): the one heap fragments and is never
+given back, so peak memory doubles (MobileNetV2 6.1 -> 13.3 GB, OSNet x0.25 4.6 -> 7.7 GB),
+compilation takes 1.2-2x as long, and the step was no faster (MobileNetV2 6.4 -> 6.7 s and
+5.8 -> 9.8 s; OSNet 2.5 -> 3.4 s and 2.66 -> 2.63 s). So it is off by default and an option (`--keep_host_memory=on`)
+for one-network steps and feature passes, where it measured 12-21% faster. The settings are
+glibc's `mallopt`; other C libraries (musl, macOS) are left alone.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ _applied = False
 MODES = ('auto', 'on', 'off')
 flags.DEFINE_enum(
     'keep_host_memory',
-    'auto',
+    'off',
     list(MODES),
-    'Let the C allocator reuse freed memory instead of returning it (jaxreid.host_memory: the CPU '
-    'train step stops faulting in ~1 GB of fresh pages per step). auto: on for CPU-only runs.',
+    'Let the C allocator reuse freed memory instead of returning it (jaxreid.host_memory): a '
+    'one-network CPU step stops faulting in ~1 GB of fresh pages per step (12-21% faster), but '
+    'two-network steps (MMT) measured slower, with twice the peak memory. auto: on for CPU-only '
+    'runs.',
 )
 # JAX's accelerator plugins (PJRT plugins live in the jax_plugins namespace); where one is
 # installed, the train step's buffers live on the device.
