@@ -260,6 +260,10 @@ def panel_accuracy(ax, recs, source_only: Mapping | None = None) -> bool:
           linewidth=1.2,
           label=f'source only {"rank-1" if key == "top1" else key}',
       )
+  if drawn:  # the run's whole epoch range (from 0, the source-only model), also when a long run
+    # is evaluated only once at its end
+    first = 0 if source_only else min(r['step'] for r in recs)
+    ax.set_xlim(first - 0.3, max(r['step'] for r in recs) + 0.3)
   _finish(ax, 'target accuracy', '%')
   return drawn
 

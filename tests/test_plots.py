@@ -215,6 +215,10 @@ def test_panels_draw_the_recorded_values(mmt_run):
   np.testing.assert_array_equal(lines['source only rank-1'].get_ydata(), [12.7, 12.7])
   # net2 differs from the model (net1): drawn; net1 equals it: not drawn twice
   assert 'net2 mAP' in lines and 'net1 mAP' not in lines
+  # the x axis spans the run, from the source-only model (epoch 0) to the last epoch (4),
+  # although the evaluations were at epochs 2 and 4 only
+  left, right = ax.get_xlim()
+  assert left < 0 < 4 < right < 5
 
   ax = Figure().add_subplot()
   assert plots.panel_coupling(ax, recs)
