@@ -13,11 +13,11 @@ trim), left the faults.
 
 The cost, measured on the two-network steps (MMT at 256x128 batch 16, `python -m
 jaxreid.benchmark --keep_host_memory=on|off` alternated): the one heap fragments and is never
-given back, so peak memory doubles (MobileNetV2 6.1 -> 13.3 GB, OSNet x0.25 4.6 -> 7.7 GB),
+given back, so peak memory doubles (MobileNetV2 6.1 -> 13.3 GB, OSNet x0.25 4.6 -> 7.8 GB),
 compilation takes 1.2-2x as long, and the step was no faster (MobileNetV2 6.4 -> 6.7 s and
-5.8 -> 9.8 s; OSNet 2.5 -> 3.4 s and 2.66 -> 2.63 s). So it is off by default and an option (`--keep_host_memory=on`)
-for one-network steps and feature passes, where it measured 12-21% faster. The settings are
-glibc's `mallopt`; other C libraries (musl, macOS) are left alone.
+5.8 -> 9.8 s; OSNet 2.5 -> 3.4 s and 2.66 -> 2.63 s). So it is off by default, and an option
+(`--keep_host_memory=on`) for one-network steps and feature passes, where it measured 12-21%
+faster. The settings are glibc's `mallopt`; other C libraries (musl, macOS) are left alone.
 """
 
 from __future__ import annotations
