@@ -97,6 +97,22 @@ def structured_features(n: int, dim: int, ids: int, seed: int = 0):
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def create_model(arch: str = 'resnet', dtype: str = 'float32'):
+  """The network the flags describe, with the method's architecture."""
+  from jaxreid import models
+
+  return models.create_model(
+      dict(
+          arch=arch,
+          backbone=FLAGS.backbone,
+          depth=FLAGS.depth,
+          width=FLAGS.width,
+          num_classes=FLAGS.num_classes,
+          dtype=dtype,
+      )
+  )
+
+
 def measure_method(method: str, dtype: str) -> dict:
   import jax
   import numpy as np
@@ -109,16 +125,7 @@ def measure_method(method: str, dtype: str) -> dict:
   from jaxreid import train as train_lib
 
   spec = methods_lib.get(method)
-  model = models.create_model(
-      dict(
-          arch=spec.arch or 'resnet',
-          backbone=FLAGS.backbone,
-          depth=FLAGS.depth,
-          width=FLAGS.width,
-          num_classes=FLAGS.num_classes,
-          dtype=dtype,
-      )
-  )
+  model = create_model(spec.arch or 'resnet', dtype)
   mesh = train_lib.make_mesh()
   tx = train_lib.make_optimizer(3.5e-4)
   students = [numpy_init.init_variables(model, s) for s in range(spec.num_students)]
@@ -224,10 +231,12 @@ def main(argv):
   host_memory.apply(FLAGS.keep_host_memory)  # as the trainer does, before JAX starts
   import jax
 
+  from jaxreid import convert
+
   device = jax.devices()[0]
   print(
       f'devices: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}); '
-      f'{network_name()}, {FLAGS.height}x{FLAGS.img_width}, '
+      f'{convert.describe_model(create_model())}, {FLAGS.height}x{FLAGS.img_width}, '
       f'batch {FLAGS.batch}',
       flush=True,
   )
@@ -285,13 +294,6 @@ def main(argv):
           indent=2,
       )
     print(f'wrote {FLAGS.json}')
-
-
-def network_name() -> str:
-  """The measured network, as the banner names it."""
-  if FLAGS.backbone == 'resnet':
-    return f'ResNet-{FLAGS.depth} width {FLAGS.width}'
-  return FLAGS.backbone
 
 
 def format_row(r: dict) -> str:
