@@ -282,7 +282,7 @@ def train_epoch(run: Adaptation, state, labels: np.ndarray, progress: Progress, 
       batch_size=config.data.batch_size,
       num_instances=config.data.num_instances,
   )
-  state = state.replace(opt_state=jax.jit(run.tx.init)(state.params))
+  state = state.replace(opt_state=train_lib.init_opt_state(run.tx, state.params, run.mesh))
   chunk = train_lib.chunk_size(tc.iters, tc.log_every)
   state, metrics, seconds = train_lib.run_epoch(
       run.train_chunk, state, data, batch_idx, np.zeros_like(batch_idx), progress, epoch, chunk
