@@ -167,7 +167,6 @@ def test_new_labels_do_not_recompile():
   assert chunk._cache_size() == 1
 
 
-
 def test_fresh_optimizer_each_epoch_does_not_recompile():
   # Adaptation starts every epoch with a fresh Adam state; it must be placed like the rest of the
   # state, or the epoch's second chunk compiles the step a second time (seen on a GPU: 60-90 s).
@@ -182,6 +181,7 @@ def test_fresh_optimizer_each_epoch_does_not_recompile():
     for _ in range(2):
       state, _ = chunk(state, data, idx, idx)
   assert chunk._cache_size() == 1
+
 
 PROBE = r"""
 import json, os, sys
