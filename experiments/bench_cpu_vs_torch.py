@@ -122,45 +122,57 @@ def torch_step_rate(
     steps: int,
     threads: int,
     backbone: str = 'resnet',
+    device: str = 'cpu',
+    dtype: str = 'float32',
 ) -> float:
   """Images per second of the PyTorch step of `method` (pretrain | mmt | abmt), as described in
-  the module docstring."""
+  the module docstring; `dtype='bfloat16'` runs the forward passes under autocast (AMP)."""
+  import contextlib
+
   import torch
   import torch.nn.functional as F
 
   sys.path.insert(0, REPO)
   torch.set_num_threads(threads)
+  torch.backends.cudnn.benchmark = True  # as the MMT / ABMT reference code sets it
   torch.manual_seed(0)
   arch = 'abmt' if method == 'abmt' else 'resnet'
-  nets = [_torch_net(backbone, arch) for _ in range(2 if method == 'mmt' else 1)]
-  teachers = [_torch_net(backbone, arch) for _ in nets] if method != 'pretrain' else []
+  nets = [_torch_net(backbone, arch).to(device) for _ in range(2 if method == 'mmt' else 1)]
+  teachers = [_torch_net(backbone, arch).to(device) for _ in nets] if method != 'pretrain' else []
   for t, s in zip(teachers, nets):
     t.load_state_dict(s.state_dict())
     for p in t.parameters():
       p.requires_grad_(False)
   params = [p for n in nets for p in n.parameters() if p.requires_grad]
   opt = torch.optim.Adam(params, lr=3.5e-4, weight_decay=5e-4)
-  x = torch.randn(batch, 3, height, width)
-  y = torch.arange(batch) // 4
+  x = torch.randn(batch, 3, height, width, device=device)
+  y = torch.arange(batch, device=device) // 4
+  amp = lambda: (
+      torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+      if dtype == 'bfloat16'
+      else contextlib.nullcontext()
+  )
+  sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
 
-  def triplet(f):
-    d = torch.cdist(f, f)
+  def triplet(f):  # losses in float32, as jaxreid computes them
+    d = torch.cdist(f.float(), f.float())
     same = y[:, None] == y[None]
     ap = (d * same).max(1).values
     an = (d + 1e5 * same).min(1).values
     return F.softplus(ap - an).mean()
 
   def soft_ce(z, zt):
-    return -(F.softmax(zt, 1) * F.log_softmax(z, 1)).sum(1).mean()
+    return -(F.softmax(zt.float(), 1) * F.log_softmax(z.float(), 1)).sum(1).mean()
 
   def step():
     for n in nets + teachers:
       n.train()
-    outs = [net(x) for net in nets]
-    with torch.no_grad():
-      touts = [t(x) for t in teachers]
-      if method == 'pretrain':
-        nets[0](x)  # the target batch's no-grad BN pass
+    with amp():
+      outs = [net(x) for net in nets]
+      with torch.no_grad():
+        touts = [t(x) for t in teachers]
+        if method == 'pretrain':
+          nets[0](x)  # the target batch's no-grad BN pass
     loss = 0.0
     for out in outs:
       for f, z in out:
@@ -180,10 +192,13 @@ def torch_step_rate(
         for pt, ps in zip(t.parameters(), s.parameters()):
           pt.mul_(0.999).add_(ps, alpha=0.001)
 
-  step()  # warm-up
+  for _ in range(2 if device == 'cpu' else 5):  # warm-up (GPU: cuDNN's algorithm search)
+    step()
+  sync()
   t0 = time.perf_counter()
   for _ in range(steps):
     step()
+  sync()
   return batch * steps / (time.perf_counter() - t0)
 
 
@@ -195,6 +210,7 @@ def jax_step_rate(
     steps: int,
     xla_flags: str,
     backbone: str = 'resnet',
+    dtype: str = 'float32',
 ) -> float | None:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'bench.json')
@@ -204,7 +220,7 @@ def jax_step_rate(
         '-m',
         'jaxreid.benchmark',
         f'--methods={method}',
-        '--dtypes=float32',
+        f'--dtypes={dtype}',
         '--depth=50',
         '--width=64',
         f'--backbone={backbone}',
@@ -246,6 +262,12 @@ def main():
       default=None,
       help='XLA_FLAGS values to compare for jaxreid (repeatable; default: as set)',
   )
+  p.add_argument('--device', default='cpu', help="PyTorch's device: cpu or cuda (a GPU run)")
+  p.add_argument(
+      '--dtype',
+      default='float32',
+      help='float32, or bfloat16 (jaxreid: --config.model.dtype; PyTorch: autocast, i.e. AMP)',
+  )
   p.add_argument('--json', default='', help='also write the rows to this JSON file')
   args = p.parse_args()
   variants = args.xla_flags or [os.environ.get('XLA_FLAGS', '')]
@@ -254,9 +276,11 @@ def main():
     h, w, b = (int(v) for v in size.split('x'))
     for backbone in args.backbones.split(','):
       for method in args.methods.split(','):
-        t = torch_step_rate(method, h, w, b, args.steps, args.threads, backbone)
+        t = torch_step_rate(
+            method, h, w, b, args.steps, args.threads, backbone, args.device, args.dtype
+        )
         for flags in variants:
-          j = jax_step_rate(method, h, w, b, args.steps, flags, backbone)
+          j = jax_step_rate(method, h, w, b, args.steps, flags, backbone, args.dtype)
           rows.append((backbone, f'{h}x{w}', b, method, flags or '(default)', t, j))
           print(
               f'{backbone} {h}x{w} b{b} {method:8s} torch {t:6.2f} img/s  jaxreid '
@@ -278,6 +302,8 @@ def main():
       json.dump(
           {
               'threads': args.threads,
+              'device': args.device,
+              'dtype': args.dtype,
               'steps': args.steps,
               'rows': [dict(zip(keys, r), ratio=(r[6] / r[5]) if r[6] else None) for r in rows],
           },
