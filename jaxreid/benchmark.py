@@ -19,6 +19,7 @@ Defaults are CPU-sized (ResNet-18 width 16, 64x32, batch 32); the papers' settin
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 
@@ -55,6 +56,13 @@ flags.DEFINE_integer(
     'Feature dimension for the clustering measurement ' "(0 = the model's; 2048 = ResNet-50).",
 )
 flags.DEFINE_bool('scan', None, 'Use lax.scan for the step loop (default: not on CPU).')
+flags.DEFINE_string(
+    'profile_dir',
+    '',
+    'Also trace one more timed chunk per method and dtype with jax.profiler into '
+    'DIR/<method>_<dtype> (a Perfetto JSON; `python experiments/summarise_trace.py DIR/...` '
+    'gives the time per kernel and kind of kernel).',
+)
 FLAGS = flags.FLAGS
 
 # Dense peak TFLOP/s by device kind (vendor figures); used for MFU where known. On NVIDIA GPUs
@@ -168,6 +176,12 @@ def measure_method(method: str, dtype: str) -> dict:
   warm_s = time.perf_counter() - t0
   step_s = warm_s / FLAGS.steps
   compile_s = max(first_s - warm_s, 0.0)
+  if FLAGS.profile_dir:
+    trace_dir = os.path.join(FLAGS.profile_dir, f'{method}_{dtype}')
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      state, m = chunk(state, data, idx, idx)
+      jax.block_until_ready(m)
+    print(f'trace of {FLAGS.steps} steps: {trace_dir}', flush=True)
 
   # Eval feature extraction (teachers' / student's eval forward), fixed batch shape.
   embed = features_lib.make_embed_fn(model, mesh)

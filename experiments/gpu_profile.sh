@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 16 (c) on one lent GPU, sized for a session's device time (about 6 minutes of command):
+#   1. the ResNet-50 bfloat16 MMT step (256x128, batch 64), timed and traced with jax.profiler,
+#      summarised per kind of kernel (experiments/summarise_trace.py);
+#   2. the same step at batch 32 and 128 per device (how far batch size moves the rate);
+#   3. jaxreid vs PyTorch (AMP) on the OSNet x0.25 MMT step (the ResNet-50 ratio, 2.26x, was
+#      measured on 2026-11-30: experiments/results_benchmark.md).
+# Usage: [OUT=dir] bash experiments/gpu_profile.sh    (wheels the machine lacks: .whl_gpu/*.whl)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-workdirs/gpu_profile}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl_gpu/*.whl > /dev/null 2>&1 && ! $PY -c 'import ml_collections' 2> /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl_gpu/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+quiet() { grep -v '^[IWE][0-9]\{4\} '; }
+bench() {  # batch, then extra flags
+  local b=$1; shift
+  $PY -m jaxreid.benchmark --methods=mmt --dtypes=bfloat16 --depth=50 --width=64 --height=256 \
+      --img_width=128 --batch="$b" --steps=20 --train_images=2048 --test_images=2048 \
+      --json="$OUT/bench_mmt_bf16_b$b.json" "$@" 2>&1 | quiet | tail -3
+}
+bench 64 --profile_dir=/tmp/trace
+$PY experiments/summarise_trace.py /tmp/trace/mmt_bfloat16 --steps=20 --top=30 \
+    | tee "$OUT/trace_summary.md"
+for b in 32 128; do bench "$b"; done
+$PY experiments/bench_cpu_vs_torch.py --device=cuda --dtype=bfloat16 --sizes=256x128x64 \
+    --backbones=osnet_x0_25 --methods=mmt --steps=20 --json="$OUT/ratio_osnet.json" 2>&1 | quiet
