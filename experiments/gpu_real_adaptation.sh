@@ -18,8 +18,10 @@
 #                      reader drops anyway: 55.5 MB, from ../shared/data with
 #                      find market1501 -type f ! -name '-1_*' | tar cf - -T - | xz -9e
 #   osnet_x0_25_msmt17.pth and the wheels of packages the machine lacks (ml_collections)
+#   xla_cache.tar      (optional) the compiled programs an earlier call returned
 # is unpacked first. Outputs under $OUT: one log per run, runs.tar.gz (the work dirs without
-# their checkpoints: config, metrics, results, plots), gpu.txt (the device, its memory at the end).
+# their checkpoints: config, metrics, results, plots), xla_cache.tar, gpu.txt (the device, its
+# memory at the end).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-workdirs/gpu_real}
@@ -41,6 +43,9 @@ if [[ -d .gpu ]]; then  # what travelled with the code to a lent machine
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
         .gpu/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  if [[ -f .gpu/xla_cache.tar ]]; then  # compiled programs returned by an earlier call
+    mkdir -p ~/.cache/jaxreid/xla && tar -xf .gpu/xla_cache.tar -C ~/.cache/jaxreid/xla
   fi
   DATA=${DATA:-/tmp/shared/data}
   WEIGHTS=${WEIGHTS:-/tmp/shared/weights}
@@ -107,6 +112,9 @@ wait 2> /dev/null
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >> "$OUT/gpu.txt" 2>&1
 echo "[gpu_real] wall time $(( $(date +%s) - t0 )) s"
 tar -czf "$OUT/runs.tar.gz" --exclude=checkpoints -C "$RUNS" . 2> /dev/null
+# jaxreid.main's persistent compilation cache: carried back as .gpu/xla_cache.tar, it spares the
+# next call on the same kind of machine the 3-5 minutes of compiling (returned if under 16 MiB).
+tar -cf "$OUT/xla_cache.tar" -C ~/.cache/jaxreid/xla . 2> /dev/null
 for row in ${ROWS:-mmt abmt}; do
   echo "== $row"
   grep -E '^\[(source only|mmt|abmt|setup|decode)|epoch [0-9]+/|Traceback|Error' "$OUT/$row.log" \
