@@ -5,18 +5,14 @@
 #   2. the same step at batch 32 and 128 per device (how far batch size moves the rate);
 #   3. jaxreid vs PyTorch (AMP) on the OSNet x0.25 MMT step (the ResNet-50 ratio, 2.26x, was
 #      measured on 2026-11-30: experiments/results_benchmark.md).
-# Usage: [OUT=dir] bash experiments/gpu_profile.sh    (wheels the machine lacks: .whl_gpu/*.whl)
+# Usage: [OUT=dir] bash experiments/gpu_profile.sh    (wheels: experiments/gpu_wheels.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-workdirs/gpu_profile}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ls .whl_gpu/*.whl > /dev/null 2>&1 && ! $PY -c 'import ml_collections' 2> /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-      .whl_gpu/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source experiments/gpu_wheels.sh
 quiet() { grep -v '^[IWE][0-9]\{4\} '; }
 bench() {  # batch, then extra flags
   local b=$1; shift

@@ -17,11 +17,11 @@
 #   market1501.tar.xz  Market-1501 without the 3,819 junk (id -1) gallery images, which the
 #                      reader drops anyway: 55.5 MB, from ../shared/data with
 #                      find market1501 -type f ! -name '-1_*' | tar cf - -T - | xz -9e
-#   osnet_x0_25_msmt17.pth and the wheels of packages the machine lacks (ml_collections)
+#   osnet_x0_25_msmt17.pth
 #   xla_cache.tar      (optional) the compiled programs an earlier call returned
-# is unpacked first. Outputs under $OUT: one log per run, runs.tar.gz (the work dirs without
-# their checkpoints: config, metrics, results, plots), xla_cache.tar, gpu.txt (the device, its
-# memory at the end).
+# is unpacked first; packages the machine lacks travel in `.whl/` (experiments/gpu_wheels.sh).
+# Outputs under $OUT: one log per run, runs.tar.gz (the work dirs without their checkpoints:
+# config, metrics, results, plots), xla_cache.tar, gpu.txt (the device, its memory at the end).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-workdirs/gpu_real}
@@ -33,17 +33,13 @@ mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 
+source experiments/gpu_wheels.sh
 if [[ -d .gpu ]]; then  # what travelled with the code to a lent machine
   if [[ -f .gpu/market1501.tar.xz && ! -d /tmp/shared/data/market1501 ]]; then
     mkdir -p /tmp/shared/data /tmp/shared/weights
     tar -xJf .gpu/market1501.tar.xz -C /tmp/shared/data || exit 1
   fi
   cp -n .gpu/*.pth /tmp/shared/weights/ 2>/dev/null
-  if ls .gpu/*.whl > /dev/null 2>&1 && ! $PY -c 'import ml_collections' 2> /dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        .gpu/*.whl || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
   if [[ -f .gpu/xla_cache.tar ]]; then  # compiled programs returned by an earlier call
     mkdir -p ~/.cache/jaxreid/xla && tar -xf .gpu/xla_cache.tar -C ~/.cache/jaxreid/xla
   fi
@@ -59,6 +55,10 @@ echo "[gpu_real] data $JAXREID_SHARED_DATA ($(ls "$JAXREID_SHARED_DATA/market150
 
 # Two processes on one GPU: each may take a share of its memory.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
+save_runs() {  # the work dirs without their checkpoints, to $OUT (replaced whole, never half)
+  tar -czf "$OUT/runs.tmp.tgz" --exclude=checkpoints -C "$RUNS" . 2> /dev/null \
+      && mv "$OUT/runs.tmp.tgz" "$OUT/runs.tar.gz"
+}
 declare -A pid
 for row in ${ROWS:-mmt abmt}; do
   $PY -m jaxreid.main --config=configs/$row.py:msmt2market --workdir="$RUNS/${row}_s1" \
@@ -103,15 +103,13 @@ while :; do
     break
   fi
   # Keep a current copy of the work dirs under $OUT: a call cut short still returns them.
-  if (( ++ticks % 12 == 0 )); then
-    tar -czf "$OUT/runs.tmp.tgz" --exclude=checkpoints -C "$RUNS" . 2> /dev/null && mv "$OUT/runs.tmp.tgz" "$OUT/runs.tar.gz"
-  fi
+  (( ++ticks % 12 == 0 )) && save_runs
   sleep 5
 done
 wait 2> /dev/null
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >> "$OUT/gpu.txt" 2>&1
 echo "[gpu_real] wall time $(( $(date +%s) - t0 )) s"
-tar -czf "$OUT/runs.tar.gz" --exclude=checkpoints -C "$RUNS" . 2> /dev/null
+save_runs
 # jaxreid.main's persistent compilation cache: carried back as .gpu/xla_cache.tar, it spares the
 # next call on the same kind of machine the 3-5 minutes of compiling (returned if under 16 MiB).
 tar -cf "$OUT/xla_cache.tar" -C ~/.cache/jaxreid/xla . 2> /dev/null
