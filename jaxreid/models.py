@@ -107,7 +107,9 @@ class ResidualBlock(nn.Module):
       return batch_norm(name, train, self.dtype, self.norm_group_size, self.bn_scale_init)
 
     def conv(features, kernel, stride, pad, name):
-      return conv2d(features, kernel, stride, pad, self.dtype, self.kernel_init, name)
+      return conv2d(
+          features, kernel, stride, pad, self.dtype, self.kernel_init, name, pointwise_as_dot=True
+      )
 
     if self.ibn:
       norm1 = IBN(

@@ -389,3 +389,53 @@ def test_flops_and_report():
   assert abs(flops.flops_per_image(r50, 224, 224) / 2e9 - 4.09) < 0.03
   table = flops.model_report(models=flops.REPORT_MODELS[:1])
   assert 'ResNet-18' in table and '16x8' in table
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_pointwise_conv_as_product_equals_convolution_and_its_gradients(stride):
+  # A 1x1 convolution written as `x[:, ::s, ::s] @ kernel[0, 0]` against XLA's convolution
+  # (the textbook definition), values and both gradients, odd sizes so stride 2 drops a border.
+  kx, kk, kg = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (2, 9, 7, 6))
+  k = jax.random.normal(kk, (1, 1, 6, 5))
+  dims = jax.lax.conv_dimension_numbers(x.shape, k.shape, ('NHWC', 'HWIO', 'NHWC'))
+
+  def conv(x, k, impl):
+    return layers.conv_general(
+        x, k, (stride, stride), ((0, 0), (0, 0)), dimension_numbers=dims, pointwise_impl=impl
+    )
+
+  y = conv(x, k, 'dot')
+  ref = jax.lax.conv_general_dilated(
+      x, k, (stride, stride), 'VALID', dimension_numbers=dims, precision='highest'
+  )
+  assert y.shape == ref.shape == (2, 5 if stride == 2 else 9, 4 if stride == 2 else 7, 5)
+  np.testing.assert_allclose(y, ref, atol=1e-5)
+  g = jax.random.normal(kg, y.shape)
+  grads = jax.grad(lambda x, k: jnp.sum(conv(x, k, 'dot') * g), argnums=(0, 1))(x, k)
+  grads_ref = jax.grad(lambda x, k: jnp.sum(conv(x, k, 'xla') * g), argnums=(0, 1))(x, k)
+  for a, b in zip(grads, grads_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+  if stride == 2:  # the input gradient is zero off the sampled pixels
+    assert float(jnp.abs(grads[0][:, 1::2]).max()) == 0.0
+    assert float(jnp.abs(grads[0][:, :, 1::2]).max()) == 0.0
+
+
+def test_pointwise_conv_leaves_other_convolutions_to_xla():
+  # 3x3, padded, grouped: not a plain product, so conv_general must give XLA's result exactly.
+  x = jax.random.normal(jax.random.key(4), (1, 6, 5, 4))
+  for shape, pad, groups in (
+      ((3, 3, 4, 2), ((1, 1), (1, 1)), 1),
+      ((1, 1, 4, 2), ((1, 1), (0, 0)), 1),
+      ((1, 1, 2, 4), ((0, 0), (0, 0)), 2),
+  ):
+    k = jax.random.normal(jax.random.key(5), shape)
+    dims = jax.lax.conv_dimension_numbers(x.shape, k.shape, ('NHWC', 'HWIO', 'NHWC'))
+    args = (x, k, (1, 1), pad)
+    kw = dict(dimension_numbers=dims, feature_group_count=groups)
+    np.testing.assert_array_equal(
+        layers.conv_general(*args, **kw, pointwise_impl='dot'),
+        jax.lax.conv_general_dilated(*args, **kw),
+    )
+  with pytest.raises(ValueError, match='pointwise impl'):
+    layers.conv_general(*args, **kw, pointwise_impl='fast')
