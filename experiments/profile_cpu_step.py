@@ -115,75 +115,91 @@ def sample_perf(pid: int, seconds: int, rate: int, raw_dir: str) -> collections.
   return counts
 
 
+def torch_step(backbone: str, h: int, w: int, b: int, threads: int = 2):
+  """The PyTorch step (one network, CE + batch-hard softmax triplet, Adam) as a closure."""
+  sys.path.insert(0, REPO)
+  import torch
+
+  from experiments import bench_cpu_vs_torch as bench
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  net = bench._torch_net(backbone, 'resnet')
+  opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, weight_decay=5e-4)
+  x, y = torch.randn(b, 3, h, w), torch.arange(b) // 4
+
+  def step():
+    net.train()
+    ((f, z),) = net(x)
+    d = torch.cdist(f, f)
+    same = y[:, None] == y[None]
+    tri = torch.nn.functional.softplus(
+        (d * same).max(1).values - (d + 1e5 * same).min(1).values
+    ).mean()
+    loss = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1) + tri
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+  return step
+
+
+def jax_step_parts(backbone: str, h: int, w: int, b: int):
+  """jaxreid's same step: the clustering baseline's (one network, CE + softmax triplet, no BN
+  pass), returned as (step_fn, args, variables) for `make_train_chunk` or `jax.jit`."""
+  import jax
+  import numpy as np
+
+  from jaxreid import methods
+  from jaxreid import models
+  from jaxreid import numpy_init
+  from jaxreid import train
+
+  model = models.create_model(dict(backbone=backbone, depth=50, width=64, num_classes=512))
+  method = methods.get('cluster_baseline')
+  mesh = train.make_mesh()
+  tx = train.make_optimizer(3.5e-4)
+  variables = numpy_init.init_variables(model, 0)
+  state = train.replicate(
+      train.create_train_state(method, [variables], tx, jax.random.PRNGKey(0)), mesh
+  )
+  rng = np.random.default_rng(0)
+  n = 4 * b
+  data = train.replicate(
+      train.EpochData(
+          images=rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
+          labels=(np.arange(n) // 4 % 512).astype(np.int32),
+          class_mask=models.class_mask(n // 4, 512),
+          target_images=np.zeros((1, h, w, 3), np.uint8),
+      ),
+      mesh,
+  )
+  idx = rng.permutation(n)[:b].astype(np.int32)
+  step_fn = methods.make_train_step(method, model, tx, erasing_prob=0.0, mesh=mesh)
+  return step_fn, (state, data, idx, idx), variables, mesh
+
+
 def worker(args) -> None:
   """Runs the step forever (until killed), after a warm-up; prints READY when profiling may start."""
   h, w, b = (int(v) for v in args.size.split('x'))
   if args.side == 'torch':
-    sys.path.insert(0, REPO)
-    import torch
-
-    from experiments import bench_cpu_vs_torch as bench
-
-    torch.set_num_threads(2)
-    net = bench._torch_net(args.backbone, 'resnet')
-    opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, weight_decay=5e-4)
-    x, y = torch.randn(b, 3, h, w), torch.arange(b) // 4
-
-    def step():
-      net.train()
-      ((f, z),) = net(x)
-      d = torch.cdist(f, f)
-      same = y[:, None] == y[None]
-      tri = torch.nn.functional.softplus(
-          (d * same).max(1).values - (d + 1e5 * same).min(1).values
-      ).mean()
-      loss = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1) + tri
-      opt.zero_grad()
-      loss.backward()
-      opt.step()
-
+    step = torch_step(args.backbone, h, w, b)
   else:
     from jaxreid import host_memory
 
     if args.keep_memory == 'before':
       host_memory.keep_freed_memory()
     import jax
-    import numpy as np
 
     jax.devices()
     if args.keep_memory == 'after':  # once JAX's CPU client and its threads exist
       host_memory.keep_freed_memory()
 
-    from jaxreid import methods
-    from jaxreid import models
-    from jaxreid import numpy_init
     from jaxreid import train
 
-    model = models.create_model(dict(backbone=args.backbone, depth=50, width=64, num_classes=512))
-    method = methods.get('cluster_baseline')  # CE + softmax triplet, one network, no BN pass
-    mesh = train.make_mesh()
-    tx = train.make_optimizer(3.5e-4)
-    state = train.replicate(
-        train.create_train_state(
-            method, [numpy_init.init_variables(model, 0)], tx, jax.random.PRNGKey(0)
-        ),
-        mesh,
-    )
-    rng = np.random.default_rng(0)
-    n = 4 * b
-    data = train.replicate(
-        train.EpochData(
-            images=rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
-            labels=(np.arange(n) // 4 % 512).astype(np.int32),
-            class_mask=models.class_mask(n // 4, 512),
-            target_images=np.zeros((1, h, w, 3), np.uint8),
-        ),
-        mesh,
-    )
-    chunk = train.make_train_chunk(
-        methods.make_train_step(method, model, tx, erasing_prob=0.0, mesh=mesh), mesh
-    )
-    idx = rng.permutation(n)[:b].astype(np.int32)[None]
+    step_fn, (state, data, idx, _), _, mesh = jax_step_parts(args.backbone, h, w, b)
+    chunk = train.make_train_chunk(step_fn, mesh)
+    idx = idx[None]
 
     def step():
       nonlocal state

@@ -85,40 +85,16 @@ def _hlo_index(text: str) -> dict[str, tuple[set[str], str]]:
 def profile_jax(backbone: str, h: int, w: int, b: int, steps: int, top: int):
   from flax import traverse_util
   import jax
-  import numpy as np
 
-  from jaxreid import methods
-  from jaxreid import models
-  from jaxreid import numpy_init
-  from jaxreid import train
+  from experiments import profile_cpu_step
 
-  model = models.create_model(dict(backbone=backbone, depth=50, width=64, num_classes=512))
-  method = methods.get('cluster_baseline')
-  mesh = train.make_mesh()
-  tx = train.make_optimizer(3.5e-4)
-  variables = numpy_init.init_variables(model, 0)
+  step_fn, (state, data, idx, _), variables, _ = profile_cpu_step.jax_step_parts(backbone, h, w, b)
   flat = traverse_util.flatten_dict(variables['params'])
   depthwise = [
       '/'.join(k[:-1])
       for k, v in flat.items()
       if k[-1] == 'kernel' and v.ndim == 4 and v.shape[2] == 1 and v.shape[3] > 1
   ]
-  state = train.replicate(
-      train.create_train_state(method, [variables], tx, jax.random.PRNGKey(0)), mesh
-  )
-  rng = np.random.default_rng(0)
-  n = 4 * b
-  data = train.replicate(
-      train.EpochData(
-          images=rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
-          labels=(np.arange(n) // 4 % 512).astype(np.int32),
-          class_mask=models.class_mask(n // 4, 512),
-          target_images=np.zeros((1, h, w, 3), np.uint8),
-      ),
-      mesh,
-  )
-  idx = rng.permutation(n)[:b].astype(np.int32)
-  step_fn = methods.make_train_step(method, model, tx, erasing_prob=0.0, mesh=mesh)
   compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, data, idx, idx).compile()
   index = _hlo_index(compiled.as_text())
   for _ in range(2):
@@ -154,27 +130,9 @@ def profile_jax(backbone: str, h: int, w: int, b: int, steps: int, top: int):
 def profile_torch(backbone: str, h: int, w: int, b: int, steps: int, threads: int):
   import torch
 
-  from experiments import bench_cpu_vs_torch as bench
+  from experiments import profile_cpu_step
 
-  torch.set_num_threads(threads)
-  torch.manual_seed(0)
-  net = bench._torch_net(backbone, 'resnet')
-  opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, weight_decay=5e-4)
-  x, y = torch.randn(b, 3, h, w), torch.arange(b) // 4
-
-  def step():
-    net.train()
-    ((f, z),) = net(x)
-    d = torch.cdist(f, f)
-    same = y[:, None] == y[None]
-    tri = torch.nn.functional.softplus(
-        (d * same).max(1).values - (d + 1e5 * same).min(1).values
-    ).mean()
-    loss = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1) + tri
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-
+  step = profile_cpu_step.torch_step(backbone, h, w, b, threads)
   for _ in range(2):
     step()
   with torch.profiler.profile(
@@ -201,8 +159,8 @@ def profile_torch(backbone: str, h: int, w: int, b: int, steps: int, threads: in
     elif re.search(r'copy_|contiguous|clone|to_dense|_to_copy|transpose|permute', name):
       kind = 'layout copies / transposes'
     elif 'conv' in name:
-      weight = shapes[1] if len(shapes) > 1 else []
-      depth = len(weight) == 4 and weight[1] == 1 and weight[2] > 1
+      # A depthwise weight is (C, 1, k, k): an input of the forward and the backward op alike.
+      depth = any(len(t) == 4 and t[1] == 1 and t[2] > 1 for t in shapes)
       kind = f'{"depthwise conv" if depth else "conv / matmul"} ({direction})'
     elif re.search(r'\b(aten::)?(mm|addmm|bmm|matmul|linear)\b', name):
       kind = f'conv / matmul ({direction})'
