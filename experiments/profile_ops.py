@@ -54,7 +54,16 @@ def kind_of(direction: str, op_name: str, opcodes: set[str], name: str, depthwis
   return f'elementwise, pooling ({direction})'
 
 
-def _hlo_index(text: str) -> dict[str, tuple[set[str], str]]:
+def attribute(name: str, index: dict, depthwise: list[str]) -> tuple[str, str]:
+  """(kind of work, op_name) of the executed instruction `name` of an indexed HLO module."""
+  ops, op_name = index.get(name, ({'?'}, ''))
+  # XLA keeps the metadata of forward convolutions; the kernel-gradient convolutions it rewrites
+  # (batch = input channels) come without any, so a nameless one is a backward one.
+  backward = 'transpose(' in op_name or (not op_name and ops & {'convolution', 'dot'})
+  return kind_of('backward' if backward else 'forward', op_name, ops, name, depthwise), op_name
+
+
+def hlo_index(text: str) -> dict[str, tuple[set[str], str]]:
   """instruction name -> (opcodes it runs, first op_name found), fusions through their body."""
   bodies: dict[str, tuple[set[str], str]] = {}
   current = None
@@ -96,7 +105,7 @@ def profile_jax(backbone: str, h: int, w: int, b: int, steps: int, top: int):
       if k[-1] == 'kernel' and v.ndim == 4 and v.shape[2] == 1 and v.shape[3] > 1
   ]
   compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, data, idx, idx).compile()
-  index = _hlo_index(compiled.as_text())
+  index = hlo_index(compiled.as_text())
   for _ in range(2):
     state, m = compiled(state, data, idx, idx)
   jax.block_until_ready(m)
@@ -116,12 +125,7 @@ def profile_jax(backbone: str, h: int, w: int, b: int, steps: int, top: int):
     name = e.get('args', {}).get('hlo_op') if e.get('ph') == 'X' else None
     if not name:
       continue
-    ops, op_name = index.get(name, ({'?'}, ''))
-    # XLA keeps the metadata of forward convolutions; the kernel-gradient convolutions it
-    # rewrites (batch = input channels) come without any, so a nameless one is a backward one.
-    backward = 'transpose(' in op_name or (not op_name and ops & {'convolution', 'dot'})
-    direction = 'backward' if backward else 'forward'
-    kind = kind_of(direction, op_name, ops, name, depthwise)
+    kind, op_name = attribute(name, index, depthwise)
     by_kind[kind] += e['dur'] / 1e3 / steps
     by_op[(name, kind, op_name)] += e['dur'] / 1e3 / steps
   return wall, by_kind, by_op.most_common(top)

@@ -1,5 +1,6 @@
 """experiments/summarise_trace.py: device time per kernel kind from a Perfetto trace, checked on a
-hand-written trace (known durations) and on a real jax.profiler trace of a matrix product."""
+hand-written trace (known durations) and on a real jax.profiler trace of a matrix product; and
+experiments/profile_ops.py's attribution of HLO instructions to layer kinds (hand-written HLO)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,52 @@ def test_a_real_cpu_trace_is_read(tmp_path):
   assert what == 'host thunks (CPU)'
   assert events and not any(e['name'].startswith('$') for e in events)  # no Python frames
   assert 'ms per step in kernels' in summarise_trace.summarise(str(tmp_path), steps=1, top=5)
+
+
+_HLO = """HloModule jit_step
+
+%fused_computation.1 (p0: f32[2,4,4,8], p1: f32[3,3,8,8]) -> f32[2,4,4,8] {
+  %p0 = f32[2,4,4,8]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,8,8]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[2,4,4,8]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(step)/jvp(ReIDNet)/backbone/layer1_0/conv2/conv_general_dilated"}
+}
+
+%fused_computation.2 (p0: f32[8,4,4,2], p1: f32[2,4,4,8]) -> f32[8,3,3,8] {
+  %p0 = f32[8,4,4,2]{3,2,1,0} parameter(0)
+  %p1 = f32[2,4,4,8]{3,2,1,0} parameter(1)
+  ROOT %convolution.2 = f32[8,3,3,8]{3,2,1,0} convolution(%p0, %p1), window={size=4x4 pad=1_1x1_1}, dim_labels=f01b_i01o->01bf
+}
+
+ENTRY %main.3 (x: f32[2,4,4,8], k: f32[3,3,8,8]) -> f32[2,4,4,8] {
+  %x = f32[2,4,4,8]{3,2,1,0} parameter(0)
+  %k = f32[3,3,8,8]{3,2,1,0} parameter(1)
+  %ynn_fusion.1 = f32[2,4,4,8]{3,2,1,0} fusion(%x, %k), kind=kCustom, calls=%fused_computation.1
+  %transpose_copy_fusion.3 = f32[8,4,4,2]{3,2,1,0} fusion(%x), kind=kLoop, calls=%fused_computation.1
+  %ynn_fusion.2 = f32[8,3,3,8]{3,2,1,0} fusion(%transpose_copy_fusion.3, %x), kind=kCustom, calls=%fused_computation.2
+  %multiply.4 = f32[2,4,4,8]{3,2,1,0} multiply(%x, %x), metadata={op_name="jit(step)/transpose(jvp(ReIDNet))/backbone/layer1_0/bn2/mul"}
+  %multiply.5 = f32[2,4,4,8]{3,2,1,0} multiply(%x, %x), metadata={op_name="jit(step)/jvp(ReIDNet)/backbone/conv2_0/conv2a/conv2/mul"}
+  %add.6 = f32[3,3,8,8]{3,2,1,0} add(%k, %k), metadata={op_name="jit(step)/add"}
+  ROOT %maximum.7 = f32[2,4,4,8]{3,2,1,0} maximum(%x, %x), metadata={op_name="jit(step)/transpose(jvp(ReIDNet))/backbone/jit(relu)/max"}
+}
+"""
+
+
+def test_profile_ops_attributes_instructions_to_layer_kinds():
+  from experiments import profile_ops
+
+  index = profile_ops.hlo_index(_HLO)
+  depthwise = ['backbone/conv2_0/conv2a/conv2']
+  expected = {
+      'ynn_fusion.1': 'conv / matmul (forward)',  # the metadata of the convolution in its body
+      'ynn_fusion.2': 'conv / matmul (backward)',  # a kernel gradient: a convolution, no metadata
+      'transpose_copy_fusion.3': 'layout copies / transposes',
+      'multiply.4': 'BatchNorm (backward)',
+      'multiply.5': 'depthwise conv (forward)',
+      'add.6': 'optimizer, loss, other',
+      'maximum.7': 'elementwise, pooling (backward)',
+  }
+  for name, kind in expected.items():
+    assert profile_ops.attribute(name, index, depthwise)[0] == kind, name
+  assert profile_ops.attribute('ynn_fusion.1', index, depthwise)[1].endswith(
+      'conv2/conv_general_dilated'
+  )
