@@ -194,9 +194,9 @@ def conv_general(
 
   A 1x1 convolution is `x[:, ::s, ::s] @ kernel[0, 0]`. XLA:CPU computes its kernel gradient as a
   convolution whose batch is the input channels, after transposing the activations and output
-  gradients to a channel-major layout; as a product contracting batch and space the transposes
-  vanish (measured, 2 cores, NHWC 16x64x32x256 -> 64: kernel gradient 135 ms as a convolution,
-  38 ms as a product; experiments/results_benchmark.md). pointwise_impl='auto' takes the product
+  gradients to a channel-major layout; as a product contracting batch and space it is a plain
+  matrix product with one transposed operand (measured, 2 cores, NHWC 16x64x32x256 -> 64: kernel
+  gradient 135 ms as a convolution, 38 ms as a product; experiments/results_benchmark.md). pointwise_impl='auto' takes the product
   when tracing for the CPU and XLA's convolution elsewhere (GPU / TPU compilers already lower 1x1
   convolutions to matrix products); both are equal to float rounding (tested). Every other
   convolution goes to `lax.conv_general_dilated` unchanged.
@@ -258,7 +258,7 @@ def conv2d(
   pointwise_as_dot: 1x1 convolutions as matrix products on the CPU (`conv_general`). ResNet's
   bottlenecks take it (train step 33% faster at 256x128 batch 16); OSNet and MobileNetV2 do not:
   their 1x1 layers read depthwise outputs, and the product's kernel gradient then transposes a
-  fused depthwise sum, which made their steps 20-45% slower (experiments/results_benchmark.md).
+  fused depthwise sum, which made their steps 24% and 44% slower (experiments/results_benchmark.md).
   """
   return nn.Conv(
       features,
