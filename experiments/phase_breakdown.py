@@ -4,7 +4,8 @@ training, from the run's metrics.jsonl (the 'timing' record and every adaptation
 
   python experiments/phase_breakdown.py runs/real/msmt2market/mmt_s2 [more run dirs...]
 
-Prints one table per run: seconds and share of the wall time from start to the last record.
+Prints one table per run: seconds and share of the wall time from start to the last record
+(summed over the sessions of a resumed run).
 Runs written before the phase fields existed show only what they recorded (cluster and train
 seconds) and say so.
 """
@@ -30,22 +31,34 @@ def read_records(run_dir: str) -> list[dict]:
 
 
 def breakdown(records: list[dict]) -> tuple[dict, float | None]:
-  """{phase: seconds or None when not recorded}, total wall seconds (None if unknown)."""
+  """{phase: seconds or None when not recorded}, total wall seconds (None if unknown).
+
+  A resumed run has one 'timing' record per session (each decodes and evaluates the source model
+  again): the wall time is the sum of the sessions' spans (each from its start to its last record
+  before the next session starts), the setup phases are summed over sessions, and a rewritten
+  epoch counts once (its last record); the work lost with an interrupted epoch counts as other.
+  """
   last = {}
   for r in records:  # a resumed run rewrites an epoch: the last record per (stage, step) wins
     last[(r['stage'], r['step'])] = r
-  timing = last.get(('timing', 0), {})
+  sessions = sorted(
+      (r for r in records if r['stage'] == 'timing' and 'started' in r), key=lambda r: r['started']
+  )
   epochs = [r for (stage, _), r in last.items() if 'epoch' in r and 'cluster_seconds' in r]
   out = {}
   for name, where, key in PHASES:
     if where == 'timing':
-      out[name] = timing.get(key)
+      values = [r[key] for r in sessions if key in r]
     else:
       values = [r[key] for r in epochs if key in r]
-      out[name] = sum(values) if values else None
+    out[name] = sum(values) if values else None
   total = None
-  if 'started' in timing:
-    total = max(r['time'] for r in records) - timing['started']
+  if sessions:
+    starts = [r['started'] for r in sessions] + [float('inf')]
+    total = 0.0
+    for start, next_start in zip(starts, starts[1:]):
+      end = max(r['time'] for r in records if start <= r['time'] < next_start)
+      total += end - start
   return out, total
 
 

@@ -349,3 +349,35 @@ def test_divergence_with_a_finite_loss_stops_before_anything_non_finite_is_saved
     params, _ = final_params(workdir)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
   ckpt.close()
+
+
+def test_phase_breakdown_of_a_resumed_run_sums_its_sessions():
+  """Two sessions: the first writes epochs 1-2 and dies later; the second resumes from epoch 1's
+  checkpoint, so it redoes epoch 2, then runs epoch 3. Wall time = the two sessions' spans (not
+  first start to last record, which would count the hours between them); setup phases summed;
+  the rewritten epoch counted once, with its last record."""
+  sys.path.insert(0, REPO)
+  from experiments import phase_breakdown
+
+  def epoch(step, t, train):
+    return dict(
+        stage='mmt', step=step, time=t, epoch=step, cluster_seconds=1.0, train_seconds=train
+    )
+
+  timing = lambda started, t: dict(
+      stage='timing', step=0, time=t, started=started, decode_seconds=2.0, source_only_seconds=5.0
+  )
+  records = [
+      timing(1000.0, 1010.0),
+      epoch(1, 1100.0, 80.0),
+      epoch(2, 1180.0, 70.0),
+      dict(stage='mmt', step=99, time=1250.0),
+      timing(5000.0, 5010.0),  # resumed hours later
+      epoch(2, 5090.0, 72.0),
+      epoch(3, 5170.0, 75.0),
+  ]
+  phases, wall = phase_breakdown.breakdown(records)
+  assert wall == (1250.0 - 1000.0) + (5170.0 - 5000.0)
+  assert phases['decoding images'] == 4.0 and phases['source-only evaluation'] == 10.0
+  assert phases['training'] == 80.0 + 72.0 + 75.0 and phases['clustering'] == 3.0
+  assert phases['evaluation'] is None  # not recorded by these epochs
