@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import re
 import sys
@@ -96,6 +93,7 @@ def profile_jax(backbone: str, h: int, w: int, b: int, steps: int, top: int):
   import jax
 
   from experiments import profile_cpu_step
+  from experiments import summarise_trace
 
   step_fn, (state, data, idx, _), variables, _ = profile_cpu_step.jax_step_parts(backbone, h, w, b)
   flat = traverse_util.flatten_dict(variables['params'])
@@ -116,13 +114,10 @@ def profile_jax(backbone: str, h: int, w: int, b: int, steps: int, top: int):
         state, m = compiled(state, data, idx, idx)
       jax.block_until_ready(m)
       wall = (time.perf_counter() - t0) / steps * 1e3
-    path = sorted(glob.glob(os.path.join(tmp, '**', 'perfetto_trace.json.gz'), recursive=True))
-    with gzip.open(path[-1]) as f:
-      trace = json.load(f)
-  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+    events, _ = summarise_trace.load_events(tmp)
   by_kind, by_op = collections.Counter(), collections.Counter()
   for e in events:
-    name = e.get('args', {}).get('hlo_op') if e.get('ph') == 'X' else None
+    name = e.get('args', {}).get('hlo_op')  # XLA:CPU thunks carry the HLO instruction they run
     if not name:
       continue
     kind, op_name = attribute(name, index, depthwise)
