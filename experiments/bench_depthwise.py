@@ -1,5 +1,6 @@
-"""Depthwise 3x3 convolution on this machine: jaxreid's shifted multiply-adds vs XLA's grouped
-convolution vs PyTorch, forward and forward + backward (docs/reference.md section 8).
+"""Depthwise 3x3 convolution on this machine: jaxreid's forms (shifted multiply-adds, dense
+block-diagonal convolution, 'auto') vs XLA's grouped convolution vs PyTorch, forward and forward +
+backward, one layer alone (docs/reference.md section 8; in a network use ab_cpu_step.py).
 
 Usage: python experiments/bench_depthwise.py [--shape=32,64,32,64] [--repeats=10]
 Prints one line per implementation with the best time of `repeats` calls, and the largest
@@ -39,7 +40,7 @@ def main():
   g = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
   print(f'jax {jax.__version__} ({jax.default_backend()}), NHWC {n}x{h}x{w}x{c}, 3x3, groups {c}')
   results = {}
-  for impl in ('xla', 'shifted'):
+  for impl in ('xla', 'shifted', 'dense', 'auto'):
     fwd = jax.jit(lambda x, k, impl=impl: layers.depthwise_conv(x, k, 1, 1, impl))
     grad = jax.jit(
         jax.grad(
@@ -52,11 +53,12 @@ def main():
         f'jaxreid {impl:8s} forward {best_ms(fwd, x, k, repeats=args.repeats):8.1f} ms   '
         f'forward + backward {best_ms(grad, x, k, repeats=args.repeats):8.1f} ms'
     )
-  diff = max(
-      float(jnp.max(jnp.abs(a - b)))
-      for a, b in zip(jax.tree.leaves(results['shifted']), jax.tree.leaves(results['xla']))
-  )
-  print(f'largest |shifted - xla| over output and both gradients: {diff:.2e}')
+  for impl in ('shifted', 'dense', 'auto'):
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(results[impl]), jax.tree.leaves(results['xla']))
+    )
+    print(f'largest |{impl} - xla| over output and both gradients: {diff:.2e}')
   try:
     import torch
   except ImportError:

@@ -144,9 +144,10 @@ def torch_step(backbone: str, h: int, w: int, b: int, threads: int = 2):
   return step
 
 
-def jax_step_parts(backbone: str, h: int, w: int, b: int):
-  """jaxreid's same step: the clustering baseline's (one network, CE + softmax triplet, no BN
-  pass), returned as (step_fn, args, variables) for `make_train_chunk` or `jax.jit`."""
+def jax_step_parts(backbone: str, h: int, w: int, b: int, method_name: str = 'cluster_baseline'):
+  """jaxreid's same step: by default the clustering baseline's (one network, CE + softmax
+  triplet, no BN pass), returned as (step_fn, args, variables, mesh) for `make_train_chunk` or
+  `jax.jit`; `method_name` builds another method's step (its networks from different seeds)."""
   import jax
   import numpy as np
 
@@ -155,13 +156,15 @@ def jax_step_parts(backbone: str, h: int, w: int, b: int):
   from jaxreid import numpy_init
   from jaxreid import train
 
-  model = models.create_model(dict(backbone=backbone, depth=50, width=64, num_classes=512))
-  method = methods.get('cluster_baseline')
+  method = methods.get(method_name)
+  arch = {'arch': 'abmt'} if method.arch == 'abmt' else {}
+  model = models.create_model(dict(backbone=backbone, depth=50, width=64, num_classes=512, **arch))
   mesh = train.make_mesh()
   tx = train.make_optimizer(3.5e-4)
-  variables = numpy_init.init_variables(model, 0)
+  students = [numpy_init.init_variables(model, i) for i in range(method.num_students)]
+  variables = students[0]
   state = train.replicate(
-      train.create_train_state(method, [variables], tx, jax.random.PRNGKey(0)), mesh
+      train.create_train_state(method, students, tx, jax.random.PRNGKey(0)), mesh
   )
   rng = np.random.default_rng(0)
   n = 4 * b

@@ -9,6 +9,7 @@ BatchNorm (unbiased running variance, eps 1e-5, momentum 0.1) and its explicit s
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 from typing import Callable
@@ -274,7 +275,10 @@ def conv2d(
   )
 
 
-DEPTHWISE_IMPLS = ('auto', 'shifted', 'xla')
+DEPTHWISE_IMPLS = ('auto', 'shifted', 'dense', 'xla')
+# On the CPU, the backward pass of depthwise layers with at most this many channels is that of a
+# dense convolution with a block-diagonal kernel (see `depthwise_conv`).
+DEPTHWISE_DENSE_MAX_CHANNELS = 32
 
 
 def depthwise_conv(
@@ -284,25 +288,45 @@ def depthwise_conv(
 
   impl='xla': `lax.conv_general_dilated(feature_group_count=C)`. impl='shifted': the same sum
   written as kh * kw shifted multiply-adds (pad, strided slice, multiply by `kernel[i, j]`, add),
-  accumulated in float32. XLA:CPU lowers grouped convolutions to a slow generic loop (measured,
-  2 cores, 32x64x32x64 3x3: forward 80 ms vs 2 ms shifted; forward + backward 139 vs 45 ms), while
-  GPUs and TPUs have fast depthwise kernels. impl='auto' picks 'shifted' when tracing for the CPU
-  backend and 'xla' elsewhere. Both equal a plain convolution to float rounding (tested).
+  accumulated in float32. impl='dense': a plain convolution whose (kh, kw, C, C) kernel is zero off
+  the channel diagonal, accumulated in float32: C times the arithmetic, but one library call.
+
+  XLA:CPU lowers grouped convolutions to a slow generic loop (measured, 2 cores, 32x64x32x64 3x3:
+  forward 80 ms vs 2 ms shifted; forward + backward 139 vs 45 ms). The shifted form's forward is
+  fast, but in a training step XLA fuses the neighbouring BatchNorm / ReLU work into each of the
+  nine shifted slices and kernel-gradient reductions of its backward and recomputes it there,
+  which costs most at few channels; a library convolution's operands are computed once. So
+  impl='auto', when tracing for the CPU, computes the shifted forward everywhere and, for layers
+  of at most `DEPTHWISE_DENSE_MAX_CHANNELS` channels, the gradients of the dense form (measured
+  on OSNet x0.25's MMT step, 256x128 b16: 1,577 ms all shifted, 1,255 dense forward and
+  backward, 1,202 shifted forward + dense backward; experiments/results_benchmark.md); on other
+  backends 'xla' (GPUs and TPUs have fast depthwise kernels). Every form equals a grouped
+  convolution to float rounding (tested).
   """
   kh, kw, one, c = kernel.shape
   if one != 1 or c != x.shape[-1]:
     raise ValueError(f'depthwise kernel {kernel.shape} does not match input channels {x.shape[-1]}')
   if impl == 'auto':
-    impl = 'shifted' if jax.default_backend() == 'cpu' else 'xla'
-  if impl == 'xla':
-    return jax.lax.conv_general_dilated(
+    if jax.default_backend() != 'cpu':
+      impl = 'xla'
+    elif c <= DEPTHWISE_DENSE_MAX_CHANNELS:
+      return _depthwise_shifted_dense_backward(x, kernel, stride, padding)
+    else:
+      impl = 'shifted'
+  if impl in ('xla', 'dense'):
+    dense = impl == 'dense'
+    if dense:  # (kh, kw, C, C), kernel[i, j, 0, c] on the diagonal
+      kernel = kernel[:, :, 0, :, None] * jnp.eye(c, dtype=kernel.dtype)
+    y = jax.lax.conv_general_dilated(
         x,
         kernel.astype(x.dtype),
         (stride, stride),
         ((padding, padding), (padding, padding)),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=c,
+        feature_group_count=1 if dense else c,
+        preferred_element_type=jnp.float32 if dense else None,
     )
+    return y.astype(x.dtype)
   if impl != 'shifted':
     raise ValueError(f'depthwise impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
   b, h, w, _ = x.shape
@@ -322,6 +346,25 @@ def depthwise_conv(
       term = patch.astype(jnp.float32) * k32[i, j, 0]
       out = term if out is None else out + term
   return out.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shifted_dense_backward(x, kernel, stride, padding):
+  """The shifted depthwise forward, differentiated as the dense block-diagonal convolution (the
+  same function, so the same gradients to float rounding; why: `depthwise_conv`)."""
+  return depthwise_conv(x, kernel, stride, padding, 'shifted')
+
+
+def _depthwise_sdb_fwd(x, kernel, stride, padding):
+  return depthwise_conv(x, kernel, stride, padding, 'shifted'), (x, kernel)
+
+
+def _depthwise_sdb_bwd(stride, padding, residuals, g):
+  dense = lambda x, k: depthwise_conv(x, k, stride, padding, 'dense')
+  return jax.vjp(dense, *residuals)[1](g)
+
+
+_depthwise_shifted_dense_backward.defvjp(_depthwise_sdb_fwd, _depthwise_sdb_bwd)
 
 
 class DepthwiseConv(nn.Module):

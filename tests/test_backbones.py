@@ -38,8 +38,9 @@ needs_shared = pytest.mark.skipif(
 # Depthwise convolution
 
 
+@pytest.mark.parametrize('impl', ['shifted', 'dense', 'auto'])
 @pytest.mark.parametrize('stride', [1, 2])
-def test_shifted_depthwise_equals_grouped_convolution_and_its_gradients(stride):
+def test_depthwise_impls_equal_grouped_convolution_and_its_gradients(stride, impl):
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (2, 9, 7, 5))
   k = jax.random.normal(kk, (3, 3, 1, 5))
@@ -55,16 +56,42 @@ def test_shifted_depthwise_equals_grouped_convolution_and_its_gradients(stride):
         precision=jax.lax.Precision.HIGHEST,
     )
 
-  def shifted(x, k):
-    return layers.depthwise_conv(x, k, stride, 1, impl='shifted')
+  def fast(x, k):
+    return layers.depthwise_conv(x, k, stride, 1, impl=impl)
 
-  y = shifted(x, k)
+  y = fast(x, k)
   np.testing.assert_allclose(y, ref(x, k), atol=1e-5)
   g = jax.random.normal(kg, y.shape)
-  grads = jax.grad(lambda x, k: jnp.sum(shifted(x, k) * g), argnums=(0, 1))(x, k)
+  grads = jax.grad(lambda x, k: jnp.sum(fast(x, k) * g), argnums=(0, 1))(x, k)
   grads_ref = jax.grad(lambda x, k: jnp.sum(ref(x, k) * g), argnums=(0, 1))(x, k)
   for a, b in zip(grads, grads_ref):
+    assert a.shape == b.shape
     np.testing.assert_allclose(a, b, atol=1e-4)
+  # bfloat16 in and out, accumulated in float32: within bfloat16 rounding of the float32 result
+  yb = fast(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+  assert yb.dtype == jnp.bfloat16
+  xr, kr = (a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, k))
+  np.testing.assert_allclose(np.float32(yb), ref(xr, kr), rtol=1e-2, atol=2e-2)
+
+
+def test_depthwise_auto_impl_on_cpu(monkeypatch):
+  """'auto' on the CPU: always the shifted forward; the backward of a dense block-diagonal
+  convolution up to DEPTHWISE_DENSE_MAX_CHANNELS channels, of the shifted form above (read from
+  the traced programs' operations)."""
+
+  def ops(c, grad):
+    x = jnp.zeros((1, 6, 6, c))
+    k = jnp.zeros((3, 3, 1, c))
+    fn = lambda x, k: jnp.sum(layers.depthwise_conv(x, k))
+    text = jax.jit(jax.grad(fn, argnums=(0, 1)) if grad else fn).lower(x, k).as_text()
+    return {op for op in ('convolution', 'pad') if f'stablehlo.{op}' in text}
+
+  limit = layers.DEPTHWISE_DENSE_MAX_CHANNELS
+  assert ops(limit, grad=False) == {'pad'} and ops(limit + 1, grad=False) == {'pad'}
+  assert 'convolution' in ops(limit, grad=True)
+  assert 'convolution' not in ops(limit + 1, grad=True)
+  monkeypatch.setattr(layers, 'DEPTHWISE_DENSE_MAX_CHANNELS', 0)
+  assert 'convolution' not in ops(4, grad=True)
 
 
 def test_depthwise_one_hand_computed_value():

@@ -1,6 +1,7 @@
 """experiments/summarise_trace.py: device time per kernel kind from a Perfetto trace, checked on a
 hand-written trace (known durations) and on a real jax.profiler trace of a matrix product; and
-experiments/profile_ops.py's attribution of HLO instructions to layer kinds (hand-written HLO)."""
+experiments/profile_ops.py's attribution of HLO instructions to layer kinds (hand-written HLO); and
+experiments/ab_cpu_step.py's settings."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from experiments import summarise_trace
 
@@ -112,3 +114,19 @@ def test_profile_ops_attributes_instructions_to_layer_kinds():
   assert profile_ops.attribute('ynn_fusion.1', index, depthwise)[1].endswith(
       'conv2/conv_general_dilated'
   )
+
+
+def test_ab_cpu_step_settings_reach_the_layers(monkeypatch):
+  from experiments import ab_cpu_step
+  from jaxreid import layers
+
+  monkeypatch.setattr(layers, 'DEPTHWISE_DENSE_MAX_CHANNELS', layers.DEPTHWISE_DENSE_MAX_CHANNELS)
+  monkeypatch.setitem(layers.conv_general.__kwdefaults__, 'pointwise_impl', 'auto')
+  ab_cpu_step.apply_settings('DEPTHWISE_DENSE_MAX_CHANNELS=7,pointwise_impl=xla')
+  assert layers.DEPTHWISE_DENSE_MAX_CHANNELS == 7
+  assert layers.conv_general.__kwdefaults__['pointwise_impl'] == 'xla'
+  ab_cpu_step.apply_settings('')  # the default variant changes nothing
+  assert layers.DEPTHWISE_DENSE_MAX_CHANNELS == 7
+  for bad in ('NO_SUCH_SWITCH=1', 'conv_init_fan_out=1'):
+    with pytest.raises(SystemExit, match='unknown setting'):
+      ab_cpu_step.apply_settings(bad)
