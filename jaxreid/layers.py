@@ -293,15 +293,17 @@ def depthwise_conv(
 
   XLA:CPU lowers grouped convolutions to a slow generic loop (measured, 2 cores, 32x64x32x64 3x3:
   forward 80 ms vs 2 ms shifted; forward + backward 139 vs 45 ms). The shifted form's forward is
-  fast, but in a training step XLA fuses the neighbouring BatchNorm / ReLU work into each of the
-  nine shifted slices and kernel-gradient reductions of its backward and recomputes it there,
-  which costs most at few channels; a library convolution's operands are computed once. So
-  impl='auto', when tracing for the CPU, computes the shifted forward everywhere and, for layers
-  of at most `DEPTHWISE_DENSE_MAX_CHANNELS` channels, the gradients of the dense form (measured
-  on OSNet x0.25's MMT step, 256x128 b16: 1,577 ms all shifted, 1,255 dense forward and
-  backward, 1,202 shifted forward + dense backward; experiments/results_benchmark.md); on other
-  backends 'xla' (GPUs and TPUs have fast depthwise kernels). Every form equals a grouped
-  convolution to float rounding (tested).
+  fast, but differentiated inside a network XLA fuses the neighbouring BatchNorm / ReLU / padding
+  work into each of the nine slices and kernel-gradient reductions and recomputes it there. So
+  impl='auto', when tracing for the CPU, computes the shifted forward everywhere and gives it a
+  backward over operands computed once: for layers of at most `DEPTHWISE_DENSE_MAX_CHANNELS`
+  channels, the gradients of the dense form (a library convolution); above, a hand-written
+  shifted backward behind optimisation barriers. Measured, same-process A/B on the 2-core CPU
+  (256x128 b16; experiments/results_benchmark.md): OSNet x0.25's MMT step 1,577 ms with
+  autodiff of the shifted form, 1,379 with the hand-written backward everywhere, 1,202-1,301
+  with the dense one up to 32 channels; MobileNetV2's one-network step 2,149 -> 1,773 ms with
+  the hand-written backward above 32 channels. Other backends take 'xla' (GPUs and TPUs have
+  fast depthwise kernels). Every form equals a grouped convolution to float rounding (tested).
   """
   kh, kw, one, c = kernel.shape
   if one != 1 or c != x.shape[-1]:
@@ -312,7 +314,7 @@ def depthwise_conv(
     elif c <= DEPTHWISE_DENSE_MAX_CHANNELS:
       return _depthwise_shifted_dense_backward(x, kernel, stride, padding)
     else:
-      impl = 'shifted'
+      return _depthwise_shifted_own_backward(x, kernel, stride, padding)
   if impl in ('xla', 'dense'):
     dense = impl == 'dense'
     if dense:  # (kh, kw, C, C), kernel[i, j, 0, c] on the diagonal
@@ -329,10 +331,22 @@ def depthwise_conv(
     return y.astype(x.dtype)
   if impl != 'shifted':
     raise ValueError(f'depthwise impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
-  b, h, w, _ = x.shape
-  ho = (h + 2 * padding - kh) // stride + 1
-  wo = (w + 2 * padding - kw) // stride + 1
+  ho, wo = _depthwise_out_size(x.shape, kernel.shape, stride, padding)
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  return _shifted_taps(xp, kernel, ho, wo, stride).astype(x.dtype)
+
+
+def _depthwise_out_size(x_shape, kernel_shape, stride, padding):
+  h, w = x_shape[1:3]
+  kh, kw = kernel_shape[:2]
+  return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+
+
+def _shifted_taps(xp: Array, kernel: Array, ho: int, wo: int, stride: int) -> Array:
+  """sum_ij kernel[i, j] * xp[:, i + stride * y, j + stride * x] for an already padded `xp`, in
+  float32."""
+  b, _, _, c = xp.shape
+  kh, kw = kernel.shape[:2]
   k32 = kernel.astype(jnp.float32)
   out = None
   for i in range(kh):
@@ -345,7 +359,7 @@ def depthwise_conv(
       )
       term = patch.astype(jnp.float32) * k32[i, j, 0]
       out = term if out is None else out + term
-  return out.astype(x.dtype)
+  return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -365,6 +379,53 @@ def _depthwise_sdb_bwd(stride, padding, residuals, g):
 
 
 _depthwise_shifted_dense_backward.defvjp(_depthwise_sdb_fwd, _depthwise_sdb_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shifted_own_backward(x, kernel, stride, padding):
+  """The shifted depthwise forward with a hand-written backward over materialised operands.
+
+  The padded input (forward) and the padded, dilated output gradient (backward) are each computed
+  once behind an optimisation barrier, so XLA cannot fuse their producers (BatchNorm, ReLU) into
+  the nine slices that read them; the input gradient is the shifted form of that gradient with the
+  flipped kernel, the kernel gradient nine products of slices, reduced.
+  """
+  return depthwise_conv(x, kernel, stride, padding, 'shifted')
+
+
+def _depthwise_sob_fwd(x, kernel, stride, padding):
+  ho, wo = _depthwise_out_size(x.shape, kernel.shape, stride, padding)
+  pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  xp = jax.lax.optimization_barrier(jnp.pad(x, pad))
+  return _shifted_taps(xp, kernel, ho, wo, stride).astype(x.dtype), (xp, kernel)
+
+
+def _depthwise_sob_bwd(stride, padding, residuals, g):
+  xp, kernel = residuals
+  b, hp, wp, c = xp.shape
+  kh, kw = kernel.shape[:2]
+  h, w = hp - 2 * padding, wp - 2 * padding
+  ho, wo = g.shape[1:3]
+  # dx[y] = sum_i k[i] g[(y + padding - i) / stride]: the stride-1 correlation of g, dilated by
+  # the stride and padded so that the output has the input's size, with the flipped kernel.
+  lo_h, lo_w = kh - 1 - padding, kw - 1 - padding
+  hi_h = h + kh - 1 - lo_h - ((ho - 1) * stride + 1)
+  hi_w = w + kw - 1 - lo_w - ((wo - 1) * stride + 1)
+  zero = jnp.zeros((), g.dtype)
+  config = ((0, 0, 0), (lo_h, hi_h, stride - 1), (lo_w, hi_w, stride - 1), (0, 0, 0))
+  gp = jax.lax.optimization_barrier(jax.lax.pad(g, zero, config))
+  dx = _shifted_taps(gp, kernel[::-1, ::-1], h, w, 1).astype(xp.dtype)
+  g32 = g.astype(jnp.float32)
+  dk = []
+  for i in range(kh):
+    for j in range(kw):
+      end = (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c)
+      patch = jax.lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
+      dk.append(jnp.sum(patch.astype(jnp.float32) * g32, axis=(0, 1, 2)))
+  return dx, jnp.stack(dk).reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise_shifted_own_backward.defvjp(_depthwise_sob_fwd, _depthwise_sob_bwd)
 
 
 class DepthwiseConv(nn.Module):
