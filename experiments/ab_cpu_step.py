@@ -71,6 +71,15 @@ def build(mode: str, backbone: str, h: int, w: int, b: int, method: str):
   return run, np.asarray(jax.tree_util.tree_leaves(run())[0])
 
 
+def current_settings() -> str:
+  """The switches' present values as a variant, to restore them between variants."""
+  from jaxreid import layers
+
+  values = {'pointwise_impl': layers.conv_general.__kwdefaults__['pointwise_impl']}
+  values.update({k: v for k, v in vars(layers).items() if k.isupper() and type(v) is int})
+  return ','.join(f'{k}={v}' for k, v in values.items())
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--backbone', default='osnet_x0_25')
@@ -82,7 +91,7 @@ def main():
   args = p.parse_args()
   import numpy as np
 
-  defaults = ','.join(f'{k}={v}' for k, v in _defaults().items())
+  defaults = current_settings()
 
   h, w, b = (int(v) for v in args.size.split('x'))
   variants = args.variants.split(';')
@@ -112,19 +121,6 @@ def main():
         f'| {v or "default"} | {", ".join(f"{t:.0f}" for t in ts)} | '
         f'{statistics.median(ts):.0f} | {diff:.1e} |'
     )
-
-
-_DEFAULTS: dict = {}
-
-
-def _defaults() -> dict:
-  """The switches' values at import, to restore between variants."""
-  from jaxreid import layers
-
-  if not _DEFAULTS:
-    _DEFAULTS['pointwise_impl'] = layers.conv_general.__kwdefaults__['pointwise_impl']
-    _DEFAULTS.update({k: v for k, v in vars(layers).items() if k.isupper() and type(v) is int})
-  return _DEFAULTS
 
 
 if __name__ == '__main__':

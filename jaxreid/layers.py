@@ -342,23 +342,23 @@ def _depthwise_out_size(x_shape, kernel_shape, stride, padding):
   return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
 
 
+def _tap_patches(xp: Array, kh: int, kw: int, ho: int, wo: int, stride: int):
+  """(i, j, xp[:, i + stride * y, j + stride * x]) for every kernel tap of a padded `xp`."""
+  b, _, _, c = xp.shape
+  for i in range(kh):
+    for j in range(kw):
+      end = (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c)
+      yield i, j, jax.lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
+
+
 def _shifted_taps(xp: Array, kernel: Array, ho: int, wo: int, stride: int) -> Array:
   """sum_ij kernel[i, j] * xp[:, i + stride * y, j + stride * x] for an already padded `xp`, in
   float32."""
-  b, _, _, c = xp.shape
-  kh, kw = kernel.shape[:2]
   k32 = kernel.astype(jnp.float32)
   out = None
-  for i in range(kh):
-    for j in range(kw):
-      patch = jax.lax.slice(
-          xp,
-          (0, i, j, 0),
-          (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-          (1, stride, stride, 1),
-      )
-      term = patch.astype(jnp.float32) * k32[i, j, 0]
-      out = term if out is None else out + term
+  for i, j, patch in _tap_patches(xp, *kernel.shape[:2], ho, wo, stride):
+    term = patch.astype(jnp.float32) * k32[i, j, 0]
+    out = term if out is None else out + term
   return out
 
 
@@ -402,7 +402,7 @@ def _depthwise_sob_fwd(x, kernel, stride, padding):
 
 def _depthwise_sob_bwd(stride, padding, residuals, g):
   xp, kernel = residuals
-  b, hp, wp, c = xp.shape
+  hp, wp = xp.shape[1:3]
   kh, kw = kernel.shape[:2]
   h, w = hp - 2 * padding, wp - 2 * padding
   ho, wo = g.shape[1:3]
@@ -416,12 +416,10 @@ def _depthwise_sob_bwd(stride, padding, residuals, g):
   gp = jax.lax.optimization_barrier(jax.lax.pad(g, zero, config))
   dx = _shifted_taps(gp, kernel[::-1, ::-1], h, w, 1).astype(xp.dtype)
   g32 = g.astype(jnp.float32)
-  dk = []
-  for i in range(kh):
-    for j in range(kw):
-      end = (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c)
-      patch = jax.lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
-      dk.append(jnp.sum(patch.astype(jnp.float32) * g32, axis=(0, 1, 2)))
+  dk = [
+      jnp.sum(patch.astype(jnp.float32) * g32, axis=(0, 1, 2))
+      for _, _, patch in _tap_patches(xp, kh, kw, ho, wo, stride)
+  ]
   return dx, jnp.stack(dk).reshape(kernel.shape).astype(kernel.dtype)
 
 
