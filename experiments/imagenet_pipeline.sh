@@ -14,8 +14,8 @@
 # alone takes about 2.4 h on the 2-core CPU (7.5 img/s measured, experiments/results_benchmark.md).
 #
 # Usage: [RUNS_DIR=runs/real] [TASK=market2cuhk_imagenet] [HEIGHT=128 WIDTH=64] \
-#          [ROWS="cluster_baseline mean_teacher mmt abmt"] [MMT_SOURCES=own|shared] bash experiments/imagenet_pipeline.sh \
-#          [extra --config flags for every run]
+#          [ROWS="cluster_baseline mean_teacher mmt abmt"] [MMT_SOURCES=own|shared] \
+#          bash experiments/imagenet_pipeline.sh [extra --config flags for every run]
 # Resumable: finished runs (results.json) are skipped, unfinished ones resume from checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,11 +45,11 @@ run pretrain_s1 "configs/pretrain.py:$task" --config.seed=1 "$@"
 
 # 2. Adaptation to the target without its labels, every method from the shared source models.
 one=$(source_model pretrain_s1 1)
+[[ $mmt_sources == own ]] && two=$(source_model pretrain_s2 2) || two=$one
 for row in cluster_baseline mean_teacher mmt abmt; do
   [[ "$rows" == *" $row "* ]] || continue
   case $row in
-    mmt) [[ $mmt_sources == own ]] && checkpoints="('$one', '$(source_model pretrain_s2 2)')" \
-           || checkpoints="('$one', '$one')" ;;
+    mmt) checkpoints="('$one', '$two')" ;;
     abmt) checkpoints="('$(source_model pretrain_abmt_s1 1)',)" ;;
     *) checkpoints="('$one',)" ;;
   esac
