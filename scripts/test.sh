@@ -12,4 +12,6 @@ python3 -m venv .venv
 # experiments && ruff check --fix ...` applies it.
 .venv/bin/pyink --check --quiet jaxreid configs tests experiments
 .venv/bin/ruff check --quiet jaxreid configs tests experiments
-.venv/bin/python -m pytest -q "$@"
+# Two workers (pytest-xdist), a test file each at a time: most of the suite's time is XLA
+# compiling on one core, so two workers use both of the 2-core CI machine's cores.
+.venv/bin/python -m pytest -q -n "${JAXREID_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -6,8 +6,12 @@ import tempfile
 
 import jax
 
-_CACHE = os.environ.get('JAXREID_TEST_COMPILATION_CACHE') or os.path.join(
-    tempfile.gettempdir(), 'jaxreid-test-xla-cache'
+# One directory per pytest-xdist worker: JAX writes cache entries in place, so two workers
+# compiling the same program would read each other's half-written files.
+_CACHE = os.path.join(
+    os.environ.get('JAXREID_TEST_COMPILATION_CACHE')
+    or os.path.join(tempfile.gettempdir(), 'jaxreid-test-xla-cache'),
+    os.environ.get('PYTEST_XDIST_WORKER', 'main'),
 )
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
