@@ -26,8 +26,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string(
     'compilation_cache',
-    os.path.expanduser('~/.cache/jaxreid/xla'),
-    'Persistent XLA compilation cache directory ("" disables it).',
+    os.environ.get('JAXREID_COMPILATION_CACHE') or os.path.expanduser('~/.cache/jaxreid/xla'),
+    'Persistent XLA compilation cache directory ("" disables it; default: '
+    '$JAXREID_COMPILATION_CACHE, else ~/.cache/jaxreid/xla).',
 )
 flags.DEFINE_bool(
     'deterministic',

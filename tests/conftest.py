@@ -14,4 +14,7 @@ _CACHE = os.path.join(
     os.environ.get('PYTEST_XDIST_WORKER', 'main'),
 )
 jax.config.update('jax_compilation_cache_dir', _CACHE)
+# ... which the `jaxreid.main` processes that tests start use too (run one at a time per worker),
+# instead of the user's ~/.cache/jaxreid/xla (the suite neither fills nor relies on it).
+os.environ['JAXREID_COMPILATION_CACHE'] = _CACHE
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
