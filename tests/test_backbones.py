@@ -364,7 +364,10 @@ def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
   c.model.backbone = 'osnet_x0_25'
   c.init.update(dict(pretrained=str(tmp_path / 'osnet.pth'), skip_pretrain=True))
   c.cluster.update(dict(method='kmeans', num_clusters=6, lam=0.0))
-  c.train.update(dict(epochs=1, iters=2, eval_every=1))
+  # MMT trains one epoch on OSNet; ABMT stops before its first epoch (train.epochs=0): its OSNet
+  # step's XLA compilation alone cost minutes of the suite, and ABMT's training step is tested on
+  # ResNet elsewhere. Both check what is specific to starting from a torchreid file.
+  c.train.update(dict(epochs=1 if method == 'mmt' else 0, iters=2, eval_every=1))
   workdir = tmp_path / 'run'
   summary = run.train_and_evaluate(c, str(workdir))
   assert not list(workdir.glob('pretrain_seed*'))  # no source pre-training happened
@@ -384,7 +387,8 @@ def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
       features.make_embed_fn(model), [variables], target, batch_size=64, branches=method == 'abmt'
   )
   assert summary['source only']['mAP'] == pytest.approx(expected['mAP'], abs=1e-6)
-  assert np.isfinite(summary[f'{method} (adapted)']['mAP'])
+  if method == 'mmt':
+    assert np.isfinite(summary['mmt (adapted)']['mAP'])
   assert (workdir / 'model.msgpack').is_file()
 
 

@@ -171,28 +171,27 @@ def _main(workdir, env, kill_after_line=None, delay=0.0):
   return proc.returncode, ''.join(out)
 
 
-@pytest.mark.parametrize(
-    'line, delay',
-    [
-        ('[pretrain seed 2]', 0.0),  # inside pre-training of the second source model
-        ('[mmt] epoch 1/2 it 2/4', 0.0),  # inside the first adaptation epoch
-        ('[mmt] epoch 1/2 it 4/4', 0.3),  # at the epoch's end: evaluation, checkpoint write
-        ('[mmt] epoch 1/2 loss', 0.0),  # between epochs
-    ],
-)
-def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_result(
-    tmp_path_factory, line, delay
-):
+# Kill points in the order a run reaches them; one work dir is killed at each in turn (every rerun
+# resumes from what the previous kill left) and then run to the end.
+KILL_POINTS = [
+    ('[pretrain seed 2]', 0.0),  # inside pre-training of the second source model
+    ('[mmt] epoch 1/2 it 2/4', 0.0),  # inside an adaptation epoch
+    ('[mmt] epoch 1/2 loss', 0.0),  # between epochs
+    ('[mmt] epoch 2/2 it 4/4', 0.3),  # at the last epoch's end: evaluation, checkpoint, export
+]
+
+
+def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_result(tmp_path_factory):
   base = tmp_path_factory.getbasetemp()
   env = dict(os.environ, JAXREID_DATA_CACHE=str(base / 'world'))
   reference = base / 'uninterrupted'
-  if not (reference / 'results.json').exists():
-    rc, out = _main(reference, env)
-    assert rc == 0, out[-3000:]
+  rc, out = _main(reference, env)
+  assert rc == 0, out[-3000:]
   workdir = tmp_path_factory.mktemp('killed')
-  rc, out = _main(workdir, env, kill_after_line=line, delay=delay)
-  assert rc == -9, f'the line {line!r} never came:\n{out[-3000:]}'
-  assert not (workdir / 'results.json').exists()
+  for line, delay in KILL_POINTS:
+    rc, out = _main(workdir, env, kill_after_line=line, delay=delay)
+    assert rc == -9, f'the line {line!r} never came:\n{out[-3000:]}'
+    assert not (workdir / 'results.json').exists(), line
   rc, out = _main(workdir, env)
   assert rc == 0, out[-3000:]
   got = json.loads((workdir / 'results.json').read_text())
