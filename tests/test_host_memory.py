@@ -25,13 +25,13 @@ _PROGRAM = textwrap.dedent("""
     step = jax.jit(jax.grad(energy))
     x = jnp.ones((16, 128, 64, 32), jnp.float32)
     w = jnp.full((3, 3, 32, 128), 0.01, jnp.float32)
-    for _ in range(20):  # compile, then let the heap reach its steady size
+    for _ in range(8):  # compile, then let the heap reach its steady size
       step(w, x).block_until_ready()
-    for _ in range(5):  # five windows of four calls: page faults per call in each
+    for _ in range(4):  # four windows of two calls: page faults per call in each
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      for _ in range(4):
+      for _ in range(2):
         step(w, x).block_until_ready()
-      print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+      print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 2)
 """)
 
 
@@ -41,7 +41,7 @@ def _faults_per_call(mode):
   out = subprocess.run(
       [sys.executable, '-c', _PROGRAM, mode], capture_output=True, text=True, check=True
   ).stdout
-  return min(float(v) for v in out.split()[-5:])
+  return min(float(v) for v in out.split()[-4:])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc allocator settings')
