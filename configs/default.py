@@ -8,9 +8,13 @@ import os
 
 import ml_collections
 
-# The real sets and published weights beside the repository (never copied into it).
-SHARED_DATA = os.environ.get('JAXREID_SHARED_DATA', os.path.join('..', 'shared', 'data'))
-SHARED_WEIGHTS = os.environ.get('JAXREID_SHARED_WEIGHTS', os.path.join('..', 'shared', 'weights'))
+# The real sets and published weights beside the repository (never copied into it), found from
+# the repository whatever the current directory.
+_SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared')
+SHARED_DATA = os.environ.get('JAXREID_SHARED_DATA', os.path.normpath(os.path.join(_SHARED, 'data')))
+SHARED_WEIGHTS = os.environ.get(
+    'JAXREID_SHARED_WEIGHTS', os.path.normpath(os.path.join(_SHARED, 'weights'))
+)
 
 # The four tasks of the papers: (source, target). Data sets are read from
 # `config.data.root/<name>` (or `config.data.source_root` / `target_root`).
@@ -30,6 +34,9 @@ TASKS = {
     # The papers' whole pipeline on real data: ImageNet MobileNetV2, source pre-training, adaptation.
     'market2cuhk_imagenet': ('market1501', 'cuhk03_detected'),
     'cuhk2market_imagenet': ('cuhk03_detected', 'market1501'),
+    # Your own cameras: a torchreid model adapted to an unlabelled folder of crops
+    # (config.data.target_root), exported back to a torchreid file (README, "your cameras").
+    'folder': ('msmt17', 'folder'),
 }
 # Where a start-from-a-re-ID-model task takes its weights (config.init.pretrained).
 TASK_WEIGHTS = {
@@ -37,6 +44,7 @@ TASK_WEIGHTS = {
     'market2cuhk': ('osnet_x0_25', 'osnet_x0_25_market1501.pth'),
     'market2cuhk_imagenet': ('mobilenetv2', 'mobilenetv2_imagenet_features.pt'),
     'cuhk2market_imagenet': ('mobilenetv2', 'mobilenetv2_imagenet_features.pt'),
+    'folder': ('osnet_x0_25', 'osnet_x0_25_msmt17.pth'),
 }
 
 
@@ -53,6 +61,7 @@ TASK_CLUSTERS = {
     'market2cuhk': 600,
     'market2cuhk_imagenet': 600,
     'cuhk2market_imagenet': 500,
+    'folder': 0,  # unknown for a user's crops: K-means methods must be told (config check)
 }
 
 
@@ -68,6 +77,9 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
           root='',  # parent folder holding <name>/ for each real data set
           source_root='',
           target_root='',
+          # A labelled set in Market layout to evaluate on when the target has no labels
+          # (data.target='folder'); '' = no evaluation.
+          val_root='',
           height=64,
           width=32,
           batch_size=32,
@@ -172,6 +184,9 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
   for name in methods.get(method).weights:
     c.loss[name] = ml_collections.config_dict.placeholder(float)
   c.eval = ml_collections.ConfigDict(dict(rerank=False))
+  # At the end of a run, also write the adapted model as a PyTorch file (<workdir>/model.pth):
+  # 'torchreid' (OSNet) or 'torchvision' (MobileNetV2); '' = only model.msgpack.
+  c.export = ml_collections.ConfigDict(dict(torch_format=''))
   return c
 
 
@@ -215,9 +230,12 @@ def _apply_real_task(c: ml_collections.ConfigDict, task: str) -> ml_collections.
   for which in ('source', 'target'):
     c.data[which] = 'market1501'  # every set here is in Market layout
     c.data[f'{which}_root'] = os.path.join(SHARED_DATA, TASKS[task][which == 'target'])
-  if task == 'msmt2market':  # the MSMT17 model's training images are not needed (nor here)
+  if task in ('msmt2market', 'folder'):  # the MSMT17 model's training images are not needed
     c.data.source_root = ''
     c.data.source = 'msmt17'
+  if task == 'folder':  # the user's crops; the adapted model also as a torchreid file
+    c.data.target, c.data.target_root = 'folder', ''
+    c.export.torch_format = 'torchreid'
   c.data.height, c.data.width = 256, 128
   c.data.batch_size = 32
   # OSNet / MobileNetV2 feature passes on the CPU: 112 img/s at batch 32 vs 79 at 256 (measured,

@@ -27,6 +27,7 @@ from jaxreid import clustering
 from jaxreid import config_checks
 from jaxreid import distributed
 from jaxreid import evaluation
+from jaxreid import export as export_lib
 from jaxreid import features as features_lib
 from jaxreid import input_pipeline
 from jaxreid import methods as methods_lib
@@ -73,6 +74,7 @@ class Adaptation:
   embed_fn: Any
   mesh: Any
   target: Any  # input_pipeline.DecodedSet
+  test: Any  # input_pipeline.DecodedSet | None: the target's test split or a validation set
   source: Any  # input_pipeline.DecodedSet | None (DBSCAN source mixing)
   images_dev: Any  # the target training images, on the devices once
   max_classes: int
@@ -208,7 +210,8 @@ def make_pseudo_labels(run: Adaptation, state, role_feats: dict, loop: LoopState
     labels, eps, info = cluster(run.config, feats, source_feats, epoch, loop.eps)
   labels, eps = distributed.broadcast((labels, np.float64(np.nan if eps is None else eps)))
   labels, loop.eps = np.asarray(labels), None if np.isnan(eps) else float(eps)
-  stats = clustering.cluster_stats(labels, run.target.dataset.train.pids)
+  ds = run.target.dataset
+  stats = clustering.cluster_stats(labels, ds.train.pids if ds.labelled else None)
   if stats['num_clusters'] > run.max_classes:
     raise config_checks.ConfigError(
         f'config.cluster.max_classes: {stats["num_clusters"]} clusters exceed config.cluster.max_classes='
@@ -303,7 +306,7 @@ def evaluate(run: Adaptation, state, loop: LoopState, epoch: int) -> dict:
     res = evaluation.evaluate_variables(
         run.embed_fn,
         [state.variables(name, teacher=run.method.ema)],
-        run.target,
+        run.test,
         batch_size=run.config.data.eval_batch_size,
         rerank=run.config.eval.rerank,
         branches=run.two_branch,
@@ -326,7 +329,7 @@ def evaluate(run: Adaptation, state, loop: LoopState, epoch: int) -> dict:
 # The loop
 
 
-def setup(config, target, source, students: Sequence[dict], workdir: str, mesh, writer):
+def setup(config, target, source, students: Sequence[dict], workdir: str, mesh, writer, test=None):
   """The run's fixed parts and its starting train state (fresh or restored) and loop state."""
   tc = config.train
   method, loss = methods_lib.from_config(config)
@@ -354,6 +357,7 @@ def setup(config, target, source, students: Sequence[dict], workdir: str, mesh, 
       embed_fn=features_lib.make_embed_fn(model, mesh),
       mesh=mesh,
       target=target,
+      test=test,
       source=source,
       images_dev=train_lib.replicate(target.train, mesh),
       max_classes=max_classes,
@@ -376,9 +380,11 @@ def adapt(
     workdir: str,
     mesh,
     writer: MetricsWriter,
+    test=None,
 ) -> dict:
-  """Unsupervised adaptation to the target domain; returns the selected model's evaluation."""
-  run, state, loop = setup(config, target, source, students, workdir, mesh, writer)
+  """Unsupervised adaptation to the target domain; returns the selected model's evaluation
+  (empty without a labelled `test` set: the target's test split or a validation set)."""
+  run, state, loop = setup(config, target, source, students, workdir, mesh, writer, test)
   tc = config.train
   progress = Progress(config.method, tc.epochs, tc.iters, loop.epoch)
   # Features of the current state, when the previous epoch already extracted them for the
@@ -415,7 +421,11 @@ def adapt(
       record.update(features_lib.coupling(current_features, two_branch=run.two_branch))
       features_seconds += time.time() - t
 
-    eval_now = tc.eval_every and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs)
+    eval_now = (
+        run.test is not None
+        and tc.eval_every
+        and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs)
+    )
     if eval_now:
       t = time.time()
       record.update(evaluate(run, state, loop, epoch))
@@ -432,7 +442,7 @@ def adapt(
         + (
             f' purity {record["cluster/purity"]:.2f} nmi {record["cluster/nmi"]:.2f}'
             if 'cluster/nmi' in record
-            else ''
+            else unsupervised_signals(record)
         )
         + (f' | {evaluation.results_line(loop.last_results)}' if eval_now else '')
         + f' | {time.time() - t_epoch:.1f}s eta {format_duration(progress.eta(epoch))}'
@@ -440,9 +450,22 @@ def adapt(
   return finish(run, state, loop, workdir)
 
 
+def unsupervised_signals(record: dict) -> str:
+  """What tells an unlabelled run's progress: cluster sizes (median / largest) and how far each
+  teacher has moved from its student (the coupling diagnostic)."""
+  text = (
+      f' sizes median {record["cluster/median_cluster"]:.0f} max '
+      f'{record["cluster/largest_cluster"]}'
+  )
+  if 'coupling/teacher_student' in record:
+    text += f' teacher-student {record["coupling/teacher_student"]:.3f}'
+  return text
+
+
 def finish(run: Adaptation, state, loop: LoopState, workdir: str) -> dict:
   """Exports the reported model: the best epoch's (and its network) with select_best_on_test,
-  else the last epoch's; returns its evaluation."""
+  else the last epoch's (as model.msgpack, and as a PyTorch file with export.torch_format);
+  returns its evaluation."""
   if run.config.train.select_best_on_test and loop.best is not None:
     selected = dict(loop.best, selection='best epoch on the target test set')
     export_state, _ = run.ckpt.restore(state, kind='best')
@@ -450,7 +473,13 @@ def finish(run: Adaptation, state, loop: LoopState, workdir: str) -> dict:
     selected, export_state = dict(loop.last_results, selection='last epoch'), state
   path = os.path.join(workdir, 'model.msgpack')
   network = selected.get('model', run.method.networks[0])
-  checkpoint_lib.save_weights(path, export_state.variables(network, teacher=run.method.ema))
+  variables = export_state.variables(network, teacher=run.method.ema)
+  checkpoint_lib.save_weights(path, variables)
   log(f'[export] model written to {path}')
+  fmt = run.config.export.torch_format
+  if fmt and distributed.is_primary():
+    torch_path = os.path.join(workdir, 'model.pth')
+    _, notes = export_lib.write_torch_file(run.model, jax.device_get(variables), fmt, torch_path)
+    log(f'[export] {fmt} file written to {torch_path}: ' + '; '.join(notes))
   run.ckpt.close()
   return selected

@@ -415,6 +415,7 @@ def cluster_stats(labels, true_labels=None) -> dict:
       'num_clusters': int(sizes.size),
       'noise_fraction': float(1.0 - m.mean()) if n else 0.0,
       'largest_cluster': int(sizes.max()) if sizes.size else 0,
+      'median_cluster': float(np.median(sizes)) if sizes.size else 0.0,
       'singletons': int(np.sum(sizes == 1)),
   }
   if true_labels is None:

@@ -38,7 +38,7 @@ NUMERIC_RANGES = {
     'train.erasing_prob': (0.0, 1.0, True),
     'train.eval_every': (0, None, True),
     'train.log_every': (0, None, True),
-    'cluster.num_clusters': (2, None, True),
+    'cluster.num_clusters': (0, None, True),  # K-means: >= 2 (checked below); DBSCAN: unused
     'cluster.max_classes': (0, None, True),
     'cluster.k1': (1, None, True),
     'cluster.k2': (1, None, True),
@@ -65,6 +65,7 @@ def validate_config(config) -> None:
       'method',
       f'{config.method!r} is not one of {sorted(methods_lib.METHODS)}',
   )
+  _check_unlabelled_target(config, check)
   for key, (low, high, closed_high) in NUMERIC_RANGES.items():
     node = config
     for part in key.split('.'):
@@ -133,4 +134,49 @@ def validate_config(config) -> None:
         'train.teacher_views',
         f'view indices must be integers in 0..3, got {views}',
     )
+  export = config.get('export', {}).get('torch_format', '')
+  check(
+      export in ('', 'torchreid', 'torchvision'),
+      'export.torch_format',
+      f"{export!r} must be '', 'torchreid' (OSNet) or 'torchvision' (MobileNetV2)",
+  )
   methods_lib.from_config(config)  # unknown weight names, a custom loss that does not import
+
+
+def _check_unlabelled_target(config, check) -> None:
+  """An unlabelled folder as target: where it comes from, what it cannot do (select on test,
+  serve as a labelled source), and K-means' cluster count, which only the user knows."""
+  d, cc = config.data, config.cluster
+  if d.target == 'folder':
+    check(
+        bool(d.get('target_root')),
+        'data.target_root',
+        'data.target=folder needs the folder of your unlabelled crops: '
+        '--config.data.target_root=DIR (one sub-folder per camera)',
+    )
+    check(
+        not (config.train.select_best_on_test and not d.get('val_root')),
+        'train.select_best_on_test',
+        'an unlabelled target has no test set to select on; set --config.data.val_root=DIR '
+        '(a labelled set in Market layout) or leave it False (the last epoch is kept)',
+    )
+  pretrains = config.method == 'pretrain' or not (
+      any(config.init.checkpoints) or config.init.skip_pretrain
+  )
+  check(
+      d.source != 'folder' or not (pretrains or (cc.method == 'dbscan' and cc.lam > 0)),
+      'data.source',
+      'an unlabelled folder cannot be a source: pre-training and source mixing need identities',
+  )
+  check(
+      not (cc.method == 'kmeans' and cc.num_clusters == 0),
+      'cluster.num_clusters',
+      'K-means needs the number of clusters for your data: set '
+      '--config.cluster.num_clusters=N (about the number of people in the folder), or use a '
+      'method that finds it with DBSCAN (configs/abmt.py:folder, configs/mmt.py:folder,dbscan)',
+  )
+  check(
+      cc.method != 'kmeans' or cc.num_clusters >= 2,
+      'cluster.num_clusters',
+      f'{cc.num_clusters} is out of range: K-means needs at least 2 clusters',
+  )

@@ -85,7 +85,7 @@ def print_summary(config, summary: dict) -> None:
   ]
   for name, r in summary.items():
     if not r or 'mAP' not in r:
-      lines.append(f'{name:32s} not evaluated (no epoch was evaluated: see the log above)')
+      lines.append(f'{name:32s} not evaluated (no labelled test set, or no epoch evaluated)')
     else:
       lines.append(
           f'{name:32s} {r["mAP"]:6.1f} {r["top1"]:6.1f} {r["top5"]:6.1f} ' f'{r["top10"]:6.1f}'

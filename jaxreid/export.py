@@ -129,6 +129,17 @@ def torch_state_dict(model, variables: dict, fmt: str) -> tuple[dict, list[str]]
   return sd, notes
 
 
+def write_torch_file(model, variables: dict, fmt: str, path: str) -> tuple[int, list[str]]:
+  """Writes `variables` of `model` as the PyTorch file of format `fmt` (an ABMT network: its avg
+  branch, a plain network); returns (number of tensors, loading notes)."""
+  if isinstance(model, models.ABMTNet):
+    variables = single_branch(variables, 'avg')
+    model = models.create_model({f: getattr(model, f) for f in models.MODEL_FIELDS})
+  sd, notes = torch_state_dict(model, variables, fmt)
+  save_torch(path, sd)
+  return len(sd), notes
+
+
 def save_torch(path: str, state_dict: dict) -> None:
   """`torch.save` of the tensors (written next to the target, then renamed: never half a file)."""
   try:

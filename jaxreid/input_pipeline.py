@@ -358,18 +358,38 @@ class DecodedSet:
 
 
 def load_and_decode(
-    name: str, root: str | None, height: int, width: int, *, synthetic: dict | None = None
+    name: str,
+    root: str | None,
+    height: int,
+    width: int,
+    *,
+    synthetic: dict | None = None,
 ) -> DecodedSet:
+  """Reads a data set and decodes its splits once."""
   kwargs = dict(synthetic or {}) if name.startswith('synthetic') else {}
   if distributed.is_primary():  # the synthetic world is generated once, by process 0
     dataset = load_dataset(name, root or None, **kwargs)
   distributed.sync(f'dataset {name}')
   if not distributed.is_primary():
     dataset = load_dataset(name, root or None, **kwargs)
+  if dataset.labelled:
+    what = f'{len(dataset.train.pids)} train images of {dataset.num_train_pids} ids'
+  else:
+    what = (
+        f'{len(dataset.train.pids)} unlabelled train images from {dataset.num_cams} camera(s) '
+        f'({", ".join(dataset.camera_names[:8])}{", ..." if dataset.num_cams > 8 else ""})'
+    )
   log(
-      f'[data] {name}: {len(dataset.train.pids)} train images of {dataset.num_train_pids} ids, '
-      f'{len(dataset.query.pids)} queries, {len(dataset.gallery.pids)} gallery ({dataset.root})'
+      f'[data] {name}: {what}, {len(dataset.query.pids)} queries, '
+      f'{len(dataset.gallery.pids)} gallery ({dataset.root})'
   )
+  if dataset.skipped:
+    first = ', '.join(os.path.relpath(p, dataset.root) for p, _ in dataset.skipped[:5])
+    log(
+        f'[data] skipped {len(dataset.skipped)} unreadable image file(s): {first}'
+        + (', ...' if len(dataset.skipped) > 5 else '')
+        + f' (first: {dataset.skipped[0][1]})'
+    )
 
   def decode(paths):  # each process decodes its share of the images (one share: all)
     return distributed.gather_rows(

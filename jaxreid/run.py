@@ -90,6 +90,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if needs_source
       else None
   )
+  test = evaluation_set(config, target)
   decoded = time.time()
   writer = MetricsWriter(workdir)
   initial, fresh_extra_block = load_initial(config)
@@ -109,16 +110,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         'source': evaluation.evaluate_variables(
             embed_fn, [variables], source, batch_size=config.data.eval_batch_size
         ),
-        'target': evaluation.evaluate_variables(
-            embed_fn, [variables], target, batch_size=config.data.eval_batch_size
-        ),
     }
+    if test is not None:
+      results['target'] = evaluation.evaluate_variables(
+          embed_fn, [variables], test, batch_size=config.data.eval_batch_size
+      )
     writer.write(
         'pretrain_final', 0, {f'{k}/{m}': v for k, r in results.items() for m, v in r.items()}
     )
     summary = {
         'source domain (supervised)': results['source'],
-        'target domain (source only)': results['target'],
+        'target domain (source only)': results.get('target', {}),
     }
     evaluation.print_summary(config, summary)
     _write_results(workdir, summary)
@@ -131,14 +133,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       num_classes=students[0]['params'][_classifier_key(students[0])]['kernel'].shape[1],
   )
   embed_fn = features_lib.make_embed_fn(model, mesh)
-  source_only = evaluation.evaluate_variables(
-      embed_fn,
-      [students[0]],
-      target,
-      batch_size=config.data.eval_batch_size,
-      branches=config.model.arch == 'abmt',
-  )
-  writer.write('source_only', 0, source_only)
+  source_only = {}
+  if test is not None:
+    source_only = evaluation.evaluate_variables(
+        embed_fn,
+        [students[0]],
+        test,
+        batch_size=config.data.eval_batch_size,
+        branches=config.model.arch == 'abmt',
+    )
+    writer.write('source_only', 0, source_only)
   # Where the time goes (experiments/phase_breakdown.py adds the adaptation epochs' phases).
   writer.write(
       'timing',
@@ -150,9 +154,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           'source_only_seconds': time.time() - have_models,
       },
   )
-  log(f'[source only] target {evaluation.results_line(source_only)}')
+  if test is not None:
+    log(f'[source only] {test.dataset.name} {evaluation.results_line(source_only)}')
+  else:
+    log(
+        '[source only] not evaluated: the target has no labels (no query / gallery) and no '
+        'config.data.val_root was given; the unsupervised signals are logged each epoch'
+    )
   adapted = adapt_lib.adapt(
-      config, target, source, students[: method.num_students], workdir, mesh, writer
+      config, target, source, students[: method.num_students], workdir, mesh, writer, test=test
   )
   writer.close()
   summary = {'source only': source_only, f'{config.method} (adapted)': adapted}
@@ -160,6 +170,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   evaluation.draw_plots(workdir)
   _write_results(workdir, summary)
   return summary
+
+
+def evaluation_set(config, target: input_pipeline.DecodedSet) -> input_pipeline.DecodedSet | None:
+  """What the run evaluates on: the target's own query / gallery, else the labelled validation
+  set `config.data.val_root` (its query/ and bounding_box_test/ in Market layout), else nothing."""
+  if target.dataset.has_test_split:
+    return target
+  if not config.data.get('val_root'):
+    return None
+  h, w = config.data.height, config.data.width
+  return input_pipeline.load_and_decode('market1501_test', config.data.val_root, h, w)
 
 
 def _write_results(workdir: str, summary: dict) -> None:

@@ -118,6 +118,7 @@ def test_cluster_stats_by_hand():
   st = C.cluster_stats(pred, true)
   assert st['num_clusters'] == 3 and st['noise_fraction'] == pytest.approx(0.25)
   assert st['num_samples'] == 8 and st['singletons'] == 1 and st['largest_cluster'] == 3
+  assert st['median_cluster'] == 2.0  # sizes 3, 2, 1
   # clustered samples: cluster0 {7,7,8}, cluster1 {8,8}, cluster2 {9}
   assert st['purity'] == pytest.approx((2 + 2 + 1) / 6)
   # same-cluster pairs: C(3,2)+C(2,2)+0 = 4; correct: (7,7) + (8,8) = 2
@@ -139,7 +140,8 @@ def test_cluster_stats_by_hand():
       if nij:
         mi += nij / n * np.log(n * nij / (np.sum(a == i) * np.sum(t == j)))
   assert st['nmi'] == pytest.approx(mi / ((h_a + h_t) / 2))
-  keys = ('num_samples', 'num_clusters', 'noise_fraction', 'largest_cluster', 'singletons')
+  keys = ('num_samples', 'num_clusters', 'noise_fraction', 'largest_cluster', 'median_cluster')
+  keys += ('singletons',)
   assert C.cluster_stats(pred) == {k: st[k] for k in keys}
 
 

@@ -15,6 +15,7 @@ from jaxreid.data.readers import ReidDataset
 from jaxreid.data.readers import Split
 from jaxreid.data.readers import make_dataset
 from jaxreid.data.readers import read_dukemtmc
+from jaxreid.data.readers import read_image_folder
 from jaxreid.data.readers import read_market1501
 from jaxreid.data.readers import read_msmt17
 from jaxreid.data.readers import read_msmt17_v2
@@ -30,6 +31,7 @@ __all__ = [
     'relabel',
     'read_market1501',
     'read_dukemtmc',
+    'read_image_folder',
     'read_msmt17',
     'read_msmt17_v2',
 ]
@@ -45,6 +47,7 @@ def load_dataset(name: str, root=None, **kwargs) -> ReidDataset:
   """Load a data set by name.
 
   name: 'market1501' (any folder in the Market layout), 'dukemtmc', 'msmt17', 'msmt17_v2',
+    'folder' (unlabelled images, recursively, one camera per first-level sub-folder),
     'synthetic_a', 'synthetic_b', or 'synthetic' with domain='a'|'b'.
   root: the data set folder. For real sets, None means $JAXREID_DATA/<name>. For synthetic sets
     it is the world folder (default: $JAXREID_DATA_CACHE/synthetic/seed{seed}, where
@@ -64,6 +67,6 @@ def load_dataset(name: str, root=None, **kwargs) -> ReidDataset:
     return synthetic.load_synthetic(domain, root=root, **kwargs)
   if key not in READERS:
     raise DataError(f"unknown data set {name!r}; known: {', '.join(names())}")
-  if root is None and os.environ.get('JAXREID_DATA'):
+  if root is None and key != 'folder' and os.environ.get('JAXREID_DATA'):
     root = Path(os.environ['JAXREID_DATA']).expanduser() / key
   return READERS[key](root, **kwargs)

@@ -4,13 +4,16 @@ Why a common structure: every later stage (decoding, the P x K sampler, clusteri
 needs only three aligned arrays per split -- image paths, identity ids, 0-based camera ids -- so
 each reader's only job is to turn a data set's folder/naming convention into those arrays.
 
-Readers never open images and never write anything: they list folders (or read MSMT17's list
-files) and parse file names, so they are fast even for 100k images and safe on a user's download.
+Readers never write anything. The labelled readers never open images: they list folders (or
+read MSMT17's list files) and parse file names, so they are fast even for 100k images and safe on a
+user's download. The unlabelled folder reader (`read_image_folder`, a tracker's crops) decodes each
+file once to drop the unreadable ones, since nothing else tells a corrupt crop from a good one.
 Every problem with the input raises :class:`DataError` naming the path and what was expected.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import logging
 import os
@@ -20,10 +23,14 @@ from typing import Callable
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+# An unlabelled folder of crops may hold any format PIL reads.
+FOLDER_EXTENSIONS = IMAGE_EXTENSIONS + ('.webp', '.tif', '.tiff', '.ppm')
+UNLABELLED = -1  # the identity of an image without a label
 
 # Published sizes (docs/reference.md section 6). Only logged: partial or custom folders in the same
 # layout are legitimate, so a mismatch is never an error.
@@ -107,10 +114,22 @@ class ReidDataset:
   gallery: Split
   num_train_pids: int
   num_cams: int  # max camid + 1 over all splits (camids index 0..num_cams-1)
+  camera_names: tuple[str, ...] = ()  # camera id -> its folder name (unlabelled folders)
+  skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of files that could not be read
 
   @property
   def num_train_images(self) -> int:
     return len(self.train)
+
+  @property
+  def labelled(self) -> bool:
+    """Whether the training images carry identities (an unlabelled folder's do not)."""
+    return bool(len(self.train)) and bool(np.all(self.train.pids >= 0))
+
+  @property
+  def has_test_split(self) -> bool:
+    """Whether there are labelled query and gallery images to evaluate on."""
+    return len(self.query) > 0 and len(self.gallery) > 0
 
   @property
   def num_train_cams(self) -> int:
@@ -313,14 +332,35 @@ def read_market1501(root, *, name: str = 'market1501') -> ReidDataset:
 
   No upper bound on the camera number, so custom sets in this layout read unchanged.
   """
-  return _read_market_layout(
-      root, name, ('Market-1501-v15.09.15', 'Market-1501', 'market1501'), max_cam=None
+  return _read_market_layout(root, name, MARKET_SUBDIRS, max_cam=None)
+
+
+MARKET_SUBDIRS = ('Market-1501-v15.09.15', 'Market-1501', 'market1501')
+DUKE_SUBDIRS = ('DukeMTMC-reID', 'dukemtmc-reid', 'dukemtmc')
+
+
+def read_market_test_split(
+    root,
+    *,
+    name: str = 'market1501_test',
+    max_cam: int | None = None,
+    subdirs: Sequence[str] = MARKET_SUBDIRS,
+) -> ReidDataset:
+  """Only the query/ and bounding_box_test/ folders of a Market-layout set: a labelled set to
+  evaluate on (a validation set, an evaluation without training images); no training split."""
+  base = resolve_root(root, MARKET_DIRS[1:], subdirs, name)
+  query = read_market_folder(base / 'query', keep_distractors=False, max_cam=max_cam, what=name)
+  gallery = read_market_folder(
+      base / 'bounding_box_test', keep_distractors=True, max_cam=max_cam, what=name
   )
+  empty = Split(np.zeros(0, str), np.zeros(0, np.int32), np.zeros(0, np.int32))
+  cams = np.concatenate([query.camids, gallery.camids])
+  return ReidDataset(name, str(base), empty, query, gallery, 0, int(cams.max()) + 1)
 
 
 def read_dukemtmc(root, *, name: str = 'dukemtmc') -> ReidDataset:
   """DukeMTMC-reID: Market layout, cameras 1-8 (withdrawn by its authors; reading supported)."""
-  return _read_market_layout(root, name, ('DukeMTMC-reID', 'dukemtmc-reid', 'dukemtmc'), max_cam=8)
+  return _read_market_layout(root, name, DUKE_SUBDIRS, max_cam=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +492,85 @@ def read_msmt17_v2(root, *, verify_files: bool = False, name: str = 'msmt17_v2')
   )
 
 
+# ---------------------------------------------------------------------------------------------
+# An unlabelled folder of crops (a tracker's own cameras)
+# ---------------------------------------------------------------------------------------------
+
+ROOT_CAMERA = '.'  # the camera name of images lying directly in the root folder
+
+
+def _unreadable(path: str) -> str | None:
+  """Why `path` cannot be decoded as an RGB image (None: it can)."""
+  try:
+    with Image.open(path) as im:
+      im.convert('RGB')  # the full decode: a truncated file fails here, not in training
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    return f'{type(e).__name__}: {e}'
+  return None
+
+
+def read_image_folder(root, *, name: str = 'folder', num_threads: int | None = None) -> ReidDataset:
+  """Every image under `root`, recursively, without identities: the training set of an
+  unlabelled target domain (no query / gallery: nothing can be evaluated without labels).
+
+  Camera = the first-level sub-folder (`root/<camera>/.../x.jpg`); images directly in `root`
+  are one camera of their own ('.'). Hidden files and folders are ignored. Unreadable or corrupt
+  files are left out and listed in `skipped`; a folder with no readable image is a DataError.
+  """
+  if not root:
+    raise DataError(
+        f'{name}: no folder given: set config.data.target_root=DIR (your unlabelled crops, '
+        'one sub-folder per camera)'
+    )
+  base = Path(root).expanduser()
+  if not base.is_dir():
+    raise DataError(f'{name}: {base} ' + ('is not a folder' if base.exists() else 'does not exist'))
+  base = base.resolve()
+  found = []
+  for folder, dirs, files in os.walk(base, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    rel = Path(folder).relative_to(base)
+    camera = rel.parts[0] if rel.parts else ROOT_CAMERA
+    found += [
+        (str(Path(folder) / f), camera)
+        for f in sorted(files)
+        if not f.startswith('.') and f.lower().endswith(FOLDER_EXTENSIONS)
+    ]
+  if not found:
+    raise DataError(
+        f"{name}: no images ({'/'.join(FOLDER_EXTENSIONS)}) under {base} (searched recursively)"
+    )
+  paths = [p for p, _ in found]
+  with cf.ThreadPoolExecutor(num_threads or min(8, os.cpu_count() or 1)) as ex:
+    reasons = list(ex.map(_unreadable, paths, chunksize=64))
+  skipped = tuple((p, r) for p, r in zip(paths, reasons) if r is not None)
+  kept = [(p, c) for (p, c), r in zip(found, reasons) if r is None]
+  if not kept:
+    first = ', '.join(os.path.relpath(p, base) for p, _ in skipped[:3])
+    raise DataError(
+        f'{name}: none of the {len(skipped)} image files under {base} can be read ({first}, ...)'
+    )
+  camera_names = tuple(sorted({c for _, c in kept}))
+  camids = np.searchsorted(np.array(camera_names), np.array([c for _, c in kept]))
+  train = Split(np.array([p for p, _ in kept]), np.full(len(kept), UNLABELLED), camids)
+  empty = Split(np.zeros(0, str), np.zeros(0, np.int32), np.zeros(0, np.int32))
+  return ReidDataset(
+      name=name,
+      root=str(base),
+      train=train,
+      query=empty,
+      gallery=empty,
+      num_train_pids=0,
+      num_cams=len(camera_names),
+      camera_names=camera_names,
+      skipped=skipped,
+  )
+
+
 READERS: dict[str, Callable[..., ReidDataset]] = {
+    'folder': read_image_folder,
     'market1501': read_market1501,
+    'market1501_test': read_market_test_split,
     'dukemtmc': read_dukemtmc,
     'msmt17': read_msmt17,
     'msmt17_v2': read_msmt17_v2,
