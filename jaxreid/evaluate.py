@@ -2,19 +2,23 @@
 
 `load_test_splits` reads a data set's test splits (a Market-layout folder needs only `query/` and
 `bounding_box_test/`), `evaluate_model` extracts the features of a loaded model
-(`inference.load_model`) and computes the Market protocol's mAP and CMC rank-k as during training
+(`inference.load_model`) through `jaxreid.FeatureExtractor` with training's bicubic resize (so
+the numbers equal the training-time evaluation's; unreadable images are reported and left out)
+and computes the Market protocol's mAP and CMC rank-k as during training
 (`jaxreid.retrieval.evaluate`), `results_table` prints them. The command line is
 `jaxreid-evaluate` (`jaxreid.tools.evaluate`, also `python -m jaxreid.evaluate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 
 import numpy as np
 
+from jaxreid import extractor as extractor_lib
 from jaxreid import inference
-from jaxreid import input_pipeline
 from jaxreid import retrieval
 from jaxreid.data import DataError
 from jaxreid.data import Split
@@ -22,8 +26,8 @@ from jaxreid.data import load_dataset
 from jaxreid.data import readers
 
 _MARKET_LIKE = {
-    'market1501': (None, ('Market-1501-v15.09.15', 'Market-1501', 'market1501')),
-    'dukemtmc': (8, ('DukeMTMC-reID', 'dukemtmc-reid', 'dukemtmc')),
+    'market1501': (None, readers.MARKET_SUBDIRS),
+    'dukemtmc': (8, readers.DUKE_SUBDIRS),
 }
 
 
@@ -43,14 +47,8 @@ def load_test_splits(
     if name.lower() not in _MARKET_LIKE or not root:
       raise
     max_cam, subdirs = _MARKET_LIKE[name.lower()]
-    base = readers.resolve_root(root, ('query', 'bounding_box_test'), subdirs, name)
-    query = readers.read_market_folder(
-        base / 'query', keep_distractors=False, max_cam=max_cam, what=name
-    )
-    gallery = readers.read_market_folder(
-        base / 'bounding_box_test', keep_distractors=True, max_cam=max_cam, what=name
-    )
-    return query, gallery, f'{name} ({base}, test splits only)'
+    ds = readers.read_market_test_split(root, name=name, max_cam=max_cam, subdirs=subdirs)
+    return ds.query, ds.gallery, f'{name} ({ds.root}, test splits only)'
 
 
 def evaluate_model(
@@ -60,22 +58,46 @@ def evaluate_model(
     *,
     batch_size: int = 256,
     rerank: bool = False,
-) -> tuple[dict, np.ndarray, np.ndarray]:
-  """Features of query + gallery (one call: one compiled batch shape) and the protocol's
-  metrics. Returns (results, query features, gallery features)."""
-  h, w = loaded.height, loaded.width
-  images = np.concatenate(
-      [
-          input_pipeline.decode_images(query.paths, h, w),
-          input_pipeline.decode_images(gallery.paths, h, w),
-      ]
-  )
-  feats = loaded.extract(images, batch_size)
-  qf, gf = feats[: len(query)], feats[len(query) :]
+    interpolation: str = 'bicubic',
+) -> tuple[dict, np.ndarray, np.ndarray, Split, Split]:
+  """Features of query + gallery (one pass: one compiled batch shape) and the protocol's
+  metrics. Returns (results, query features, gallery features, query, gallery): the splits the
+  feature rows belong to.
+
+  Unreadable (corrupt, truncated, missing) images are left out of both splits, with one line on
+  stderr naming the first few: a damaged file should not cost the whole evaluation. The default
+  resize is training's ('bicubic'); 'bilinear' is torchreid's.
+  """
+  ext = extractor_lib.FeatureExtractor(loaded, batch_size, interpolation=interpolation)
+  out = ext.extract_paths([*query.paths, *gallery.paths], skip_unreadable=True)
+  if out.skipped:
+    bad = {p for p, _ in out.skipped}
+    names = ', '.join(os.path.basename(p) for p, _ in out.skipped[:5])
+    more = ', ...' if len(bad) > 5 else ''
+    print(
+        f'warning: skipped {len(out.skipped)} unreadable image(s) of '
+        f'{len(query) + len(gallery)}: {names}{more}',
+        file=sys.stderr,
+        flush=True,
+    )
+    query, gallery = _without(query, bad), _without(gallery, bad)
+    if len(query) == 0 or len(gallery) == 0:
+      raise inference.InferenceError(
+          f'no readable {"query" if len(query) == 0 else "gallery"} image left '
+          f'({len(out.skipped)} unreadable, e.g. {out.skipped[0][0]}: {out.skipped[0][1]})'
+      )
+  qf, gf = out.features[: len(query)], out.features[len(query) :]
   results = retrieval.evaluate(
       qf, gf, query.pids, gallery.pids, query.camids, gallery.camids, rerank=rerank
   )
-  return results, qf, gf
+  return results, qf, gf, query, gallery
+
+
+def _without(split: Split, paths: set) -> Split:
+  keep = np.array([p not in paths for p in split.paths], bool)
+  return dataclasses.replace(
+      split, paths=split.paths[keep], pids=split.pids[keep], camids=split.camids[keep]
+  )
 
 
 def results_table(results: dict) -> str:

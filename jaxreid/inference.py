@@ -15,7 +15,6 @@ garbage or crashing deep inside `apply`.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import json
 import os
@@ -23,7 +22,6 @@ import pickle
 import re
 from typing import Any
 from typing import Mapping
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -31,10 +29,8 @@ import numpy as np
 from jaxreid import checkpoint
 from jaxreid import convert
 from jaxreid import features as features_lib
-from jaxreid import input_pipeline
 from jaxreid import models
 from jaxreid import osnet
-from jaxreid.data import DataError
 
 # Extensions tried when a folder is listed (a single file is tried whatever its name).
 IMAGE_EXTENSIONS = (
@@ -380,40 +376,6 @@ def list_images(path: str, what: str) -> list[str]:
         f'{what}: no images ({", ".join(IMAGE_EXTENSIONS)}) in folder ' f'{path}{hint}'
     )
   return files
-
-
-def load_images(
-    paths: Sequence[str], height: int, width: int, *, num_threads: int | None = None
-) -> ImageSet:
-  """Decodes images of any size and mode (L, RGBA, P, ...) to RGB uint8 at height x width,
-  exactly as training decodes them; unreadable files are skipped and reported, not fatal."""
-  paths = [str(p) for p in paths]
-
-  def one(p):
-    try:
-      return input_pipeline._load(p, height, width), None
-    except DataError as e:
-      return None, str(e.__cause__ or e)
-
-  num_threads = num_threads or min(8, os.cpu_count() or 1)
-  with cf.ThreadPoolExecutor(num_threads) as ex:
-    results = list(ex.map(one, paths))
-  kept = [(p, im) for p, (im, _) in zip(paths, results) if im is not None]
-  skipped = [(p, err) for p, (im, err) in zip(paths, results) if im is None]
-  images = np.stack([im for _, im in kept]) if kept else np.zeros((0, height, width, 3), np.uint8)
-  return ImageSet([p for p, _ in kept], images, skipped)
-
-
-def read_images(path: str, height: int, width: int, what: str) -> ImageSet:
-  """`list_images` + `load_images`; fails clearly when nothing readable is left."""
-  result = load_images(list_images(path, what), height, width)
-  if len(result) == 0:
-    names = ', '.join(os.path.basename(p) for p, _ in result.skipped[:5])
-    raise InferenceError(
-        f'{what}: none of the {len(result.skipped)} file(s) in {path} could be '
-        f'read as an image ({names})'
-    )
-  return result
 
 
 def parse_market_name(path: str) -> tuple[int, int] | None:

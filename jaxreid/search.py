@@ -1,12 +1,13 @@
 """Searching a folder of person crops for the people in query images, with a trained model.
 
-`search(loaded, query_path, gallery_path)` reads both image sets (any size and mode, converted as
-in training; unreadable files skipped and reported), extracts features with a loaded model
-(`inference.load_model`) and ranks the gallery for every query (`rank_gallery`: squared Euclidean
-distance between unit features, exact float64 on the host). `ranking_text` prints the ranked
-lists and `export` writes features and rankings. When all file names follow the Market-1501
-convention `<pid>_c<camera>...`, matches are known by identity (`SearchResult.is_match`). The
-command line is `jaxreid-search` (`jaxreid.tools.search`, also `python -m jaxreid.search`).
+`search(loaded, query_path, gallery_path)` reads both image sets and extracts their features with
+a loaded model (`inference.load_model`) through `jaxreid.FeatureExtractor` (any size and mode,
+resized as in training by default; unreadable files skipped and reported), then ranks the gallery
+for every query (`rank_gallery`: squared Euclidean distance between unit features, exact float64
+on the host). `ranking_text` prints the ranked lists and `export` writes features and rankings.
+When all file names follow the Market-1501 convention `<pid>_c<camera>...`, matches are known by
+identity (`SearchResult.is_match`). The command line is `jaxreid-search` (`jaxreid.tools.search`,
+also `python -m jaxreid.search`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 
 import numpy as np
 
+from jaxreid import extractor as extractor_lib
 from jaxreid import inference
 from jaxreid.retrieval import distances
 
@@ -72,15 +74,21 @@ def rank_gallery(
   for s in range(0, len(qf), block):
     q = np.asarray(qf[s : s + block], np.float64)
     d = np.maximum(distances.sqdist_from_dot(q @ g.T, (q * q).sum(1)[:, None], g_sq[None, :]), 0.0)
-    if k < d.shape[1]:
-      cand = np.argpartition(d, k - 1, axis=1)[:, :k]
-    else:
-      cand = np.broadcast_to(np.arange(d.shape[1]), d.shape)
-    cd = np.take_along_axis(d, cand, 1)
-    order = np.lexsort((cand, cd), axis=1)  # by distance, then gallery index
-    ranked[s : s + block] = np.take_along_axis(cand, order, 1)
-    dists[s : s + block] = np.take_along_axis(cd, order, 1)
+    ranked[s : s + block], dists[s : s + block] = extractor_lib.top_k_rows(d, k)
   return ranked, dists
+
+
+def read_images(extractor: extractor_lib.FeatureExtractor, path: str, what: str):
+  """A file or a folder's images, decoded by `extractor` at its size (unreadable ones skipped);
+  fails clearly when nothing readable is left."""
+  result = extractor.load_images(inference.list_images(path, what))
+  if len(result) == 0:
+    names = ', '.join(os.path.basename(p) for p, _ in result.skipped[:5])
+    raise inference.InferenceError(
+        f'{what}: none of the {len(result.skipped)} file(s) in {path} could be '
+        f'read as an image ({names})'
+    )
+  return result
 
 
 def search(
@@ -90,13 +98,17 @@ def search(
     *,
     topk: int = 10,
     batch_size: int = 256,
+    interpolation: str = 'bicubic',
 ) -> SearchResult:
   """Reads both image sets, extracts features (one call, so one compiled batch shape) and ranks
-  the gallery for every query by squared Euclidean distance (ties: gallery order)."""
-  h, w = loaded.height, loaded.width
-  query = inference.read_images(query_path, h, w, '--query')
-  gallery = inference.read_images(gallery_path, h, w, '--gallery')
-  feats = loaded.extract(np.concatenate([query.images, gallery.images]), batch_size)
+  the gallery for every query by squared Euclidean distance (ties: gallery order).
+
+  interpolation: the resize to the model's size; 'bicubic' as in training (the default),
+  'bilinear' as torchreid's feature extractor."""
+  extractor = extractor_lib.FeatureExtractor(loaded, batch_size, interpolation=interpolation)
+  query = read_images(extractor, query_path, '--query')
+  gallery = read_images(extractor, gallery_path, '--gallery')
+  feats = extractor.embed(np.concatenate([query.images, gallery.images]))
   qf, gf = feats[: len(query)], feats[len(query) :]
   ranked, dists = rank_gallery(qf, gf, topk)
   return SearchResult(query, gallery, qf, gf, ranked, dists, _ids(query.paths), _ids(gallery.paths))

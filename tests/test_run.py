@@ -166,7 +166,7 @@ def _check_exported_model_with_the_commands(workdir, run_results):
   loaded = inference.load_model(workdir)
   config = json.load(open(os.path.join(workdir, 'config.json')))
   query, gallery, _ = evaluate_cli.load_test_splits('synthetic_b', None, config)
-  results, _, _ = evaluate_cli.evaluate_model(loaded, query, gallery, batch_size=64)
+  results, *_ = evaluate_cli.evaluate_model(loaded, query, gallery, batch_size=64)
   for key in ('mAP', 'top1', 'top5'):
     assert results[key] == pytest.approx(run_results[key], abs=1e-4), key
   found = search_cli.search(

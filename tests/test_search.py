@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import jaxreid
 from jaxreid import checkpoint
 from jaxreid import features as features_lib
 from jaxreid import inference
@@ -175,7 +176,9 @@ def test_identical_image_ranks_first_with_zero_distance(world):
 def test_images_of_any_mode_and_size_become_rgb_at_model_size(world):
   paths = inference.list_images(world['gallery'], '--gallery')
   assert not any(p.endswith('.txt') for p in paths)
-  loaded = inference.load_images(paths, H, W)
+  extractor = jaxreid.FeatureExtractor(world['run'], interpolation='bicubic')
+  assert extractor.image_size == (H, W)  # the run's own input size
+  loaded = extractor.load_images(paths)
   assert loaded.images.shape == (world['num_gallery'], H, W, 3)
   assert loaded.images.dtype == np.uint8
   gray = loaded.images[[os.path.basename(p) for p in loaded.paths].index('0003_c2s1_000302_00.png')]

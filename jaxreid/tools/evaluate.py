@@ -29,7 +29,7 @@ from jaxreid import inference
 from jaxreid.data import DataError
 from jaxreid.tools import common
 
-FLAGS = flags.FlagValues()
+FLAGS = common.flag_values()
 flags.DEFINE_string('model', None, common.MODEL_HELP, flag_values=FLAGS)
 flags.DEFINE_string(
     'data',
@@ -57,29 +57,30 @@ common.define_inference_flags(
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`jaxreid-evaluate`; argv without the program name (None: the process's). Exit status."""
-  return common.run(_evaluate, FLAGS, argv, doc=__doc__, required=('model', 'data'))
+  # ValueError: besides InferenceError and DataError, e.g. no query with a true match elsewhere
+  return common.run(
+      _evaluate, FLAGS, argv, doc=__doc__, required=('model', 'data'), errors=(ValueError,)
+  )
 
 
 def _evaluate() -> int:
-  try:
-    loaded = inference.load_model(FLAGS.model, common.model_overrides(FLAGS))
-    print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
-    query, gallery, desc = evaluate.load_test_splits(FLAGS.data, FLAGS.data_root, loaded.config)
-    if len(query) == 0 or len(gallery) == 0:
-      raise DataError(
-          f'{desc}: {len(query)} query and {len(gallery)} gallery images; both are needed'
-      )
-    print(
-        f'data: {desc}: {len(query)} queries ({query.num_pids} ids), {len(gallery)} gallery '
-        f'images ({gallery.num_pids} ids)',
-        flush=True,
+  loaded = inference.load_model(FLAGS.model, common.model_overrides(FLAGS))
+  print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
+  query, gallery, desc = evaluate.load_test_splits(FLAGS.data, FLAGS.data_root, loaded.config)
+  if len(query) == 0 or len(gallery) == 0:
+    raise DataError(
+        f'{desc}: {len(query)} query and {len(gallery)} gallery images; both are needed'
     )
-    t0 = time.time()
-    results, qf, gf = evaluate.evaluate_model(
-        loaded, query, gallery, batch_size=FLAGS.batch_size, rerank=FLAGS.rerank
-    )
-  except ValueError as e:  # InferenceError, DataError; e.g. no query with a true match elsewhere
-    return common.fail(e)
+  print(
+      f'data: {desc}: {len(query)} queries ({query.num_pids} ids), {len(gallery)} gallery '
+      f'images ({gallery.num_pids} ids)',
+      flush=True,
+  )
+  t0 = time.time()
+  # query / gallery come back without the images that could not be read (rows = features)
+  results, qf, gf, query, gallery = evaluate.evaluate_model(
+      loaded, query, gallery, batch_size=FLAGS.batch_size, rerank=FLAGS.rerank
+  )
   print(
       f'features and metrics in {time.time() - t0:.1f}s'
       f'{" (re-ranked)" if FLAGS.rerank else ""}\n'
