@@ -230,7 +230,7 @@ def jax_step_rate(
         f'--steps={steps}',
         '--train_images=256',
         '--test_images=64',
-        f'--json={out}',
+        f'--out={out}',
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(out):

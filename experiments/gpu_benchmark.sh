@@ -14,7 +14,7 @@ for m in ${METHODS:-pretrain mean_teacher mmt abmt}; do
   for dtype in ${DTYPES:-float32 bfloat16}; do
     $PY -m jaxreid.benchmark --methods="$m" --dtypes="$dtype" --depth=50 --width=64 \
         --height=256 --img_width=128 --batch=64 --steps=20 --train_images=12936 \
-        --test_images=19281 --num_clusters=500 --json="$OUT/bench_${m}_$dtype.json" 2>&1 \
+        --test_images=19281 --num_clusters=500 --out="$OUT/bench_${m}_$dtype.json" 2>&1 \
         | grep -v '^[IW][0-9]\{4\} ' | tee "$OUT/bench_${m}_$dtype.log"
   done
 done

@@ -18,7 +18,7 @@ bench() {  # batch, then extra flags
   local b=$1; shift
   $PY -m jaxreid.benchmark --methods=mmt --dtypes=bfloat16 --depth=50 --width=64 --height=256 \
       --img_width=128 --batch="$b" --steps=20 --train_images=2048 --test_images=2048 \
-      --json="$OUT/bench_mmt_bf16_b$b.json" "$@" 2>&1 | quiet | tail -3
+      --out="$OUT/bench_mmt_bf16_b$b.json" "$@" 2>&1 | quiet | tail -3
 }
 bench 64 --profile_dir=/tmp/trace
 $PY experiments/summarise_trace.py /tmp/trace/mmt_bfloat16 --steps=20 --top=30 \

@@ -1,4 +1,7 @@
-"""`python -m jaxreid.benchmark`: measured speed of every method, for comparing accelerators.
+"""Benchmark: measured speed of every method, for comparing accelerators.
+
+  python -m jaxreid.benchmark --methods=pretrain,mmt --dtypes=float32,bfloat16 --steps=5
+  (or jaxreid-benchmark ...)
 
 For each method (pre-training, mean-teacher baseline, MMT, ABMT) and compute dtype it measures,
 on whatever devices are present:
@@ -9,7 +12,7 @@ on whatever devices are present:
     for ABMT) on random unit features with identity structure;
   - peak device memory (GPU / TPU memory stats; process max RSS on CPU);
   - model FLOPs utilisation against the device's peak where known.
-It prints one table, writes JSON (`--json`), and projects the end-to-end time of the papers'
+It prints one table, writes JSON (`--out`), and projects the end-to-end time of the papers'
 schedule (40 epochs x 400 iterations, clustering and evaluation every epoch) from the parts.
 
 Defaults are CPU-sized (ResNet-18 width 16, 64x32, batch 32); the papers' setting is
@@ -22,11 +25,13 @@ import json
 import os
 import resource
 import time
+from typing import NoReturn
 
 from absl import app
 from absl import flags
 
 from jaxreid import host_memory  # defines --keep_host_memory
+from jaxreid.tools import common
 
 flags.DEFINE_list('methods', ['pretrain', 'mean_teacher', 'mmt', 'abmt'], 'Methods to measure.')
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to measure.')
@@ -49,7 +54,8 @@ flags.DEFINE_integer(
 flags.DEFINE_integer('num_clusters', 64, 'K-means clusters (MMT-500 on Market).')
 flags.DEFINE_integer('epochs', 40, 'Projected schedule: epochs.')
 flags.DEFINE_integer('iters', 400, 'Projected schedule: iterations per epoch.')
-flags.DEFINE_string('json', '', 'Write the results to this JSON file.')
+flags.DEFINE_string('out', '', 'Write the results to this JSON file (folders created).')
+common.define_alias(flags.FLAGS, 'json', 'out')
 flags.DEFINE_integer(
     'cluster_dim',
     0,
@@ -63,7 +69,9 @@ flags.DEFINE_string(
     'DIR/<method>_<dtype> (a Perfetto JSON; `python experiments/summarise_trace.py DIR/...` '
     'gives the time per kernel and kind of kernel).',
 )
+common.define_verbose(flags.FLAGS)
 FLAGS = flags.FLAGS
+DTYPES = ('float32', 'bfloat16')  # those with a peak in PEAK_TFLOPS
 
 # Dense peak TFLOP/s by device kind (vendor figures); used for MFU where known. On NVIDIA GPUs
 # from Ampere on, XLA runs float32 convolutions and matrix products at JAX's default precision on
@@ -240,12 +248,35 @@ def measure_clustering(method: str, dim: int) -> tuple[float, float]:
   return times[0], times[1]
 
 
+def check_flags() -> None:
+  """Raises app.UsageError (one line, exit status 2) for a value the measurements cannot use."""
+  from jaxreid import methods as methods_lib
+  from jaxreid import models
+
+  for flag, values, valid in (
+      ('backbone', [FLAGS.backbone], models.BACKBONES),
+      ('methods', FLAGS.methods, tuple(methods_lib.METHODS)),
+      ('dtypes', FLAGS.dtypes, DTYPES),
+  ):
+    bad = [v for v in values if v not in valid]
+    if bad or not values:
+      raise app.UsageError(
+          f'--{flag}={",".join(bad or values)}: expected {"one" if flag == "backbone" else "some"}'
+          f' of {", ".join(valid)} (see --help)'
+      )
+  if FLAGS.backbone == 'resnet' and FLAGS.depth not in models.RESNET_SPECS:
+    raise app.UsageError(f'--depth={FLAGS.depth}: expected one of {sorted(models.RESNET_SPECS)}')
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])} (see --help)')
   host_memory.apply(FLAGS.keep_host_memory)  # as the trainer does, before JAX starts
   import jax
 
   from jaxreid import convert
+
+  check_flags()
 
   device = jax.devices()[0]
   print(
@@ -279,8 +310,8 @@ def main(argv):
       print(format_row(r), flush=True)
   print()
   print(format_table(rows))
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
+  if FLAGS.out:
+    with open(common.output_path(FLAGS.out), 'w') as f:
       json.dump(
           {
               'device': device.device_kind,
@@ -307,7 +338,7 @@ def main(argv):
           f,
           indent=2,
       )
-    print(f'wrote {FLAGS.json}')
+    print(f'wrote {FLAGS.out}')
 
 
 def format_row(r: dict) -> str:
@@ -338,5 +369,11 @@ def format_table(rows) -> str:
   return '\n'.join(lines)
 
 
+def run() -> NoReturn:
+  """`python -m jaxreid.benchmark` and `jaxreid-benchmark`: parses the process's arguments,
+  measures. Exits."""
+  common.run_app(main, doc=__doc__, modules=(__name__, host_memory.__name__, common.__name__))
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -453,7 +453,7 @@ def test_malicious_pickles_are_refused(tmp_path):
     convert.load_torch_checkpoint(_zip_checkpoint(tmp_path / 'eval.pth', eval_payload))
   # the CLI reports it as an error and writes nothing
   out = tmp_path / 'out.msgpack'
-  assert convert_tool.main(['--input', str(tmp_path / 'evil.pth'), '--output', str(out)]) == 1
+  assert convert_tool.main(['--model', str(tmp_path / 'evil.pth'), '--out', str(out)]) == 2
   assert not out.exists() and not marker.exists()
 
 
@@ -507,9 +507,9 @@ def test_cli_roundtrip(tmp_path):
   out = tmp_path / 'r18.msgpack'
   rc = convert_tool.main(
       [
-          '--input',
+          '--model',
           path,
-          '--output',
+          '--out',
           str(out),
           '--arch',
           'resnet',
@@ -517,7 +517,7 @@ def test_cli_roundtrip(tmp_path):
           '18',
           '--width',
           '4',
-          '--num-classes',
+          '--num_classes',
           '7',
           '--format',
           'torchvision',
@@ -531,8 +531,7 @@ def test_cli_roundtrip(tmp_path):
   with pytest.raises(convert.ConversionError, match='mis-shaped'):
     checkpoint.read_weights(str(out), models.ReIDNet(depth=18, width=8, num_classes=7))
   assert (
-      convert_tool.main(['--input', path, '--output', str(out), '--depth', '34', '--width', '4'])
-      == 1
+      convert_tool.main(['--model', path, '--out', str(out), '--depth', '34', '--width', '4']) == 2
   )
 
 

@@ -22,7 +22,7 @@ with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as _f:
 TOOLS = {
     'evaluate': ('--data', '--rerank', '--arch', '--img_width'),
     'search': ('--query', '--gallery', '--topk', '--backbone'),
-    'convert': ('--input', '--output', '--num-classes', '--stem-relu'),
+    'convert': ('--model', '--out', '--num_classes', '--stem_relu'),
     'export': ('--model', '--format', '--branch'),
     'plots': ('--compare', '--labels'),
     'model_report': ('--height', '--num_classes'),

@@ -10,7 +10,11 @@
   benchmark.py          jaxreid-benchmark       python -m jaxreid.benchmark   jaxreid.benchmark
   model_report.py       jaxreid-model-report                                  jaxreid.flops
 
-Every tool is also `python -m jaxreid.tools.<name>`, prints its usage with `--help` and reports a
-bad command line or a user error as one line `error: ...` (exit status 2). `common.py` holds what
-they share: the runner and the model flags. The library modules parse no flags.
+Every tool is also `python -m jaxreid.tools.<name>` and follows one convention (`common.py`, which
+holds the runner and the model flags): flag names with underscores; `--model` is what a tool
+reads (evaluate, search, export, convert) and `--out` the file it writes as its result (convert,
+export, search's picture, benchmark's JSON; parent folders are created), `--export_features=DIR`
+the features folder (evaluate, search); `--help` prints the docstring of the module defining the
+flags, then the flags; a bad command line or bad input is one line `error: ...` on stderr with
+exit status 2, and `--verbose` shows the traceback instead. The library modules parse no flags.
 """

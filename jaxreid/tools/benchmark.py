@@ -2,18 +2,18 @@
 
   jaxreid-benchmark --methods=pretrain,mmt --dtypes=float32,bfloat16 --steps=5
 
-The flags are defined in `jaxreid.benchmark` (absl); see `--help`.
+The flags are defined in `jaxreid.benchmark` (absl); `--help` prints that module's docstring and
+flags.
 """
 
 from __future__ import annotations
 
 from jaxreid import benchmark
-from jaxreid.tools import common
 
 
 def main() -> None:
   """Runs the benchmark on the process's arguments (exits, as `absl.app.run`)."""
-  common.run_absl_app(benchmark)
+  benchmark.run()
 
 
 if __name__ == '__main__':

@@ -25,18 +25,19 @@ from typing import Sequence
 
 from absl import flags
 
-from jaxreid import convert
 from jaxreid import export
 from jaxreid import inference
 from jaxreid import models
 from jaxreid.tools import common
 
-FLAGS = flags.FlagValues()
+FLAGS = common.flag_values()
 flags.DEFINE_string('model', None, common.MODEL_HELP, flag_values=FLAGS)
 flags.DEFINE_enum(
     'format', None, sorted(export.FORMATS), 'the PyTorch network to write', flag_values=FLAGS
 )
-flags.DEFINE_string('out', None, 'output PyTorch file (.pth)', flag_values=FLAGS)
+flags.DEFINE_string(
+    'out', None, 'output PyTorch file (.pth; its folder is created)', flag_values=FLAGS
+)
 flags.DEFINE_enum('branch', None, ['avg'], 'ABMT networks: the branch to export', flag_values=FLAGS)
 
 
@@ -46,18 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _export() -> int:
-  try:
-    loaded = inference.load_model(FLAGS.model)
-    model, variables = loaded.model, loaded.variables
-    if isinstance(model, models.ABMTNet) and FLAGS.branch:
-      variables = export.single_branch(variables, FLAGS.branch)
-      model = models.create_model({f: getattr(model, f) for f in models.MODEL_FIELDS})
-    sd, notes = export.torch_state_dict(model, variables, FLAGS.format)
-    if os.path.abspath(FLAGS.out) == os.path.abspath(loaded.weights_path):
-      raise export.ExportError('--out would overwrite the model itself; choose another file')
-    export.save_torch(FLAGS.out, sd)
-  except (export.ExportError, inference.InferenceError, convert.ConversionError) as e:
-    return common.fail(e)
+  loaded = inference.load_model(FLAGS.model)
+  model, variables = loaded.model, loaded.variables
+  if isinstance(model, models.ABMTNet) and FLAGS.branch:
+    variables = export.single_branch(variables, FLAGS.branch)
+    model = models.create_model({f: getattr(model, f) for f in models.MODEL_FIELDS})
+  sd, notes = export.torch_state_dict(model, variables, FLAGS.format)
+  if os.path.abspath(FLAGS.out) == os.path.abspath(loaded.weights_path):
+    raise export.ExportError('--out would overwrite the model itself; choose another file')
+  export.save_torch(common.output_path(FLAGS.out), sd)
   print(f'{FLAGS.model} -> {FLAGS.out} ({FLAGS.format}, {model.backbone}, {len(sd)} tensors)')
   for note in notes:
     print(f'  {note}')

@@ -20,7 +20,7 @@ from absl import flags
 from jaxreid import flops
 from jaxreid.tools import common
 
-FLAGS = flags.FlagValues()
+FLAGS = common.flag_values()
 flags.DEFINE_integer('height', 256, 'input height', lower_bound=16, flag_values=FLAGS)
 flags.DEFINE_integer('img_width', 128, 'input width', lower_bound=16, flag_values=FLAGS)
 flags.DEFINE_integer('num_classes', 1024, 'classifier width', lower_bound=1, flag_values=FLAGS)

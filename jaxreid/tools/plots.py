@@ -6,8 +6,9 @@
 Each WORKDIR is the work dir of a run (finished or not): its `<workdir>/plots/*.png` (overview,
 losses, accuracy, clusters, ...) are redrawn from `<workdir>/metrics.jsonl` and their paths
 printed. `--compare` also writes one figure comparing all the given runs (mAP, rank-1, coupling
-and the number of clusters over the epochs, one colour per run), named by `--labels`. A work dir without metrics is an error (one line, exit status 2)
-and the others are still drawn.
+and the number of clusters over the epochs, one colour per run), named by `--labels`. Work dirs
+without metrics are an error (one line naming them, exit status 2; no comparison is drawn) and
+the others are still drawn.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from absl import flags
 from jaxreid import plots
 from jaxreid.tools import common
 
-FLAGS = flags.FlagValues()
+FLAGS = common.flag_values()
 flags.DEFINE_string(
-    'compare', '', 'OUT.png: also write one figure comparing all the given runs', flag_values=FLAGS
+    'compare',
+    '',
+    'OUT.png: also write one figure comparing all the given runs (folders created)',
+    flag_values=FLAGS,
 )
 flags.DEFINE_string(
     'labels',
@@ -35,32 +39,34 @@ flags.DEFINE_string(
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`jaxreid-plots`; argv without the program name (None: the process's). Exit status."""
-  return common.run(_plots, FLAGS, argv, doc=__doc__, args_name='WORKDIR')
+  # ValueError: plot_comparison's (e.g. no run has adaptation records yet)
+  return common.run(_plots, FLAGS, argv, doc=__doc__, args_name='WORKDIR', errors=(ValueError,))
 
 
 def _plots(workdirs: list[str]) -> int:
   labels = [s.strip() for s in FLAGS.labels.split(',')] if FLAGS.labels else None
   if labels is not None and len(labels) != len(workdirs):
-    return common.fail(
+    raise common.UsageError(
         f'--labels has {len(labels)} names for {len(workdirs)} work dirs; give one per work dir'
     )
-  status = 0
+  if FLAGS.compare:
+    common.output_path(FLAGS.compare)
+  failed = []
   for w in workdirs:
     try:
       paths = plots.plot_run(w)
     except FileNotFoundError as e:
-      status = common.fail(e)
+      failed.append(str(e))
       continue
     if not paths:
       print(f'{w}: nothing to plot yet (no adaptation or pre-training epochs recorded)')
     for path in paths:
       print(path)
+  if failed:  # one line for all of them; a comparison would only repeat it
+    raise common.UsageError('; '.join(failed))
   if FLAGS.compare:
-    try:
-      print(plots.plot_comparison(workdirs, FLAGS.compare, labels))
-    except (FileNotFoundError, ValueError) as e:
-      status = common.fail(e)
-  return status
+    print(plots.plot_comparison(workdirs, FLAGS.compare, labels))
+  return 0
 
 
 if __name__ == '__main__':

@@ -29,7 +29,7 @@ from jaxreid import plots
 from jaxreid import search
 from jaxreid.tools import common
 
-FLAGS = flags.FlagValues()
+FLAGS = common.flag_values()
 flags.DEFINE_string('model', None, common.MODEL_HELP, flag_values=FLAGS)
 flags.DEFINE_string('query', None, 'an image file or a folder of images', flag_values=FLAGS)
 flags.DEFINE_string('gallery', None, 'a folder of images to search', flag_values=FLAGS)
@@ -37,8 +37,8 @@ flags.DEFINE_integer('topk', 10, 'matches listed per query', lower_bound=1, flag
 flags.DEFINE_string(
     'out',
     '',
-    'write the retrieval picture to this PNG file (default: none; nothing is written to the '
-    'current directory unasked)',
+    'write the retrieval picture to this PNG file, folders created (default: none; nothing is '
+    'written to the current directory unasked)',
     flag_values=FLAGS,
 )
 flags.DEFINE_integer(
@@ -57,15 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _search() -> int:
-  try:
-    loaded = inference.load_model(FLAGS.model, common.model_overrides(FLAGS))
-    print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
-    t0 = time.time()
-    result = search.search(
-        loaded, FLAGS.query, FLAGS.gallery, topk=FLAGS.topk, batch_size=FLAGS.batch_size
-    )
-  except inference.InferenceError as e:
-    return common.fail(e)
+  if FLAGS.out:
+    common.output_path(FLAGS.out)  # before the work
+  loaded = inference.load_model(FLAGS.model, common.model_overrides(FLAGS))
+  print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
+  t0 = time.time()
+  result = search.search(
+      loaded, FLAGS.query, FLAGS.gallery, topk=FLAGS.topk, batch_size=FLAGS.batch_size
+  )
   sys.stdout.flush()
   for path, reason in result.skipped:
     print(f'warning: skipped unreadable file {path}: {reason}', file=sys.stderr, flush=True)

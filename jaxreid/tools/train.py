@@ -2,18 +2,18 @@
 
   jaxreid-train --config=configs/mmt.py[:task] [--config.train.epochs=10] [--workdir=DIR]
 
-The flags are defined in `jaxreid.main` (absl + ml_collections config flags); see `--help`.
+The flags are defined in `jaxreid.main` (absl + ml_collections config flags); `--help` prints
+that module's docstring and flags.
 """
 
 from __future__ import annotations
 
 from jaxreid import main as train_main
-from jaxreid.tools import common
 
 
 def main() -> None:
   """Runs the training entry point on the process's arguments (exits, as `absl.app.run`)."""
-  common.run_absl_app(train_main, required=['config'])
+  train_main.run()
 
 
 if __name__ == '__main__':
