@@ -692,7 +692,7 @@ def convert_state_dict(
         if value.shape[0] != spec.shape[0] or value.shape[1] > spec.shape[1]:
           misshaped.append(
               f'{key}: checkpoint {tuple(state_dict[key].shape)} vs expected '
-              f'(<= {spec.shape[1]}, {spec.shape[0]}) (raise --num-classes?)'
+              f'(<= {spec.shape[1]}, {spec.shape[0]}) (raise --num_classes?)'
           )
           continue
         full = np.zeros(spec.shape, np.float32)

@@ -412,7 +412,7 @@ def test_key_mismatch_message(tmp_path):
     mmt.feat_bn.bias.fill_(0.5)
   with pytest.raises(convert.ConversionError, match='non-zero neck bias'):
     convert.convert_state_dict(tensors(mmt.state_dict()), models.ReIDNet(depth=18, width=4))
-  with pytest.raises(convert.ConversionError, match='raise --num-classes'):
+  with pytest.raises(convert.ConversionError, match='raise --num_classes'):
     sd = tensors(TMMT(TResNet(18, width=4), 30).state_dict())
     convert.convert_state_dict(sd, models.ReIDNet(depth=18, width=4, num_classes=20))
 
