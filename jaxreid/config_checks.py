@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 
 from jaxreid import models
@@ -139,6 +141,11 @@ def validate_config(config) -> None:
       export in ('', 'torchreid', 'torchvision'),
       'export.torch_format',
       f"{export!r} must be '', 'torchreid' (OSNet) or 'torchvision' (MobileNetV2)",
+  )
+  check(  # known before training, not after it
+      not export or importlib.util.find_spec('torch') is not None,
+      'export.torch_format',
+      f'writing the {export} file needs PyTorch (pip install torch), or set it to ""',
   )
   methods_lib.from_config(config)  # unknown weight names, a custom loss that does not import
 
