@@ -23,6 +23,8 @@ from typing import Any
 from typing import Mapping
 import zipfile
 
+from flax import serialization
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,6 +32,7 @@ import orbax.checkpoint as ocp
 from jaxreid import convert
 from jaxreid import distributed
 from jaxreid import models
+from jaxreid import torch_file
 from jaxreid.metrics_writer import log
 
 KEEP = 2
@@ -121,8 +124,6 @@ def save_weights(path: str, variables: Mapping) -> None:
   """Writes `{'params', 'batch_stats'}` of `variables` (host or device arrays) as flax msgpack
   of numpy leaves; written next to `path`, then renamed (never half a file). In a run of
   several processes (`jaxreid.distributed`) only process 0 writes."""
-  from flax import serialization
-
   if not distributed.is_primary():
     return
 
@@ -138,8 +139,6 @@ def read_weights(path: str, model=None, check_classifier_width: bool = True) -> 
   """Reads `save_weights`' file (nested dicts of numpy arrays). With `model`, also checks every
   variable's path and shape (`check_weights`). Raises `convert.ConversionError` naming the file:
   not this format, or not this model."""
-  from flax import serialization
-
   with open(path, 'rb') as f:
     try:
       variables = serialization.msgpack_restore(f.read())
@@ -165,8 +164,6 @@ def check_weights(
   """Raises `convert.ConversionError` listing the missing, unexpected and mis-shaped variables of
   `variables` for `model` (the classifiers' width is not compared if `check_classifier_width` is
   False); `what` names them in the message."""
-  from flax import traverse_util
-
   want = traverse_util.flatten_dict(models.abstract_variables(model, 64, 64))
   have = traverse_util.flatten_dict(variables)
   misshaped = [
@@ -200,8 +197,8 @@ def load_weights(
   if not os.path.exists(path):
     raise convert.ConversionError(f'{key}={path!r} does not exist')
   try:
-    if convert.is_torch_file(path):
-      sd = convert.extract_state_dict(convert.load_torch_checkpoint(path))
+    if torch_file.is_torch_file(path):
+      sd = convert.extract_state_dict(torch_file.load(path))
       if drop_classifier:
         sd = {k: v for k, v in sd.items() if not k.split('.')[0].startswith('classifier')}
       return convert.convert_state_dict(sd, model, report=report)

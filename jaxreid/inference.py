@@ -1,6 +1,6 @@
 """Using a trained model outside training: find its config, build it, load its weights, read images.
 
-Shared by `jaxreid.evaluate` (a data set under the standard protocol), `jaxreid.search` (any
+Shared by `jaxreid.evaluator` (a data set under the standard protocol), `jaxreid.search` (any
 folder of images) and `jaxreid.export`, and by their command lines (`jaxreid.tools`, whose model
 flags become `load_model`'s overrides). A model is given either as a work dir
 (`<workdir>/model.msgpack`, written by every finished run) or as a `.msgpack` file (a run's, a
@@ -24,6 +24,8 @@ from typing import Any
 from typing import Mapping
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
 
 from jaxreid import checkpoint
@@ -31,6 +33,8 @@ from jaxreid import convert
 from jaxreid import features as features_lib
 from jaxreid import models
 from jaxreid import osnet
+from jaxreid import torch_file
+from jaxreid import train as train_lib
 
 # Extensions tried when a folder is listed (a single file is tried whatever its name).
 IMAGE_EXTENSIONS = (
@@ -85,7 +89,7 @@ def resolve_model_path(path: str) -> tuple[str, str | None]:
       )
       raise InferenceError(f'{path} has no model.msgpack{hint}')
     return weights, find_config(weights)
-  if convert.is_torch_file(path):  # converted on the fly (load_model); no jaxreid config
+  if torch_file.is_torch_file(path):  # converted on the fly (load_model); no jaxreid config
     return path, None
   return path, find_config(path)
 
@@ -202,11 +206,6 @@ class LoadedModel:
     if self._embed is None:
       mesh, where = None, None
       if jax.device_count() > 1:  # the trainer's 1-D mesh: weights replicated, batch sharded
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec
-
-        from jaxreid import train as train_lib
-
         mesh = train_lib.make_mesh()
         where = NamedSharding(mesh, PartitionSpec())
       self._embed = features_lib.make_embed_fn(self.model, mesh)
@@ -226,14 +225,14 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
   if unknown:
     raise ValueError(f'load_model: unknown overrides {sorted(unknown)}')
   weights_path, config_path = resolve_model_path(path)
-  if convert.is_torch_file(weights_path):
+  if torch_file.is_torch_file(weights_path):
     return _load_torch_model(weights_path, overrides)
   try:
     raw = checkpoint.read_weights(weights_path)
   except (convert.ConversionError, OSError) as e:
     raise InferenceError(
         f'cannot read weights: {e}. Expected a jaxreid model.msgpack (written by a '
-        'finished run, by pre-training, or by `python -m jaxreid.convert`)'
+        'finished run, by pre-training, or by `jaxreid-convert`)'
     ) from None
   guess = guess_architecture(raw)
 
@@ -312,7 +311,7 @@ def _load_torch_model(path: str, overrides: Mapping[str, Any]) -> LoadedModel:
   """A PyTorch file (torchvision, torchreid, MMT, ABMT), converted in memory, nothing executed:
   the architecture comes from its keys (torchreid OSNet width from its stem), flags override."""
   try:
-    sd = convert.extract_state_dict(convert.load_torch_checkpoint(path))
+    sd = convert.extract_state_dict(torch_file.load(path))
     fmt = convert.detect_format(sd)
     model_cfg = dict(
         arch='abmt' if fmt == 'abmt' else 'resnet', backbone=convert.checkpoint_backbone(sd, fmt)

@@ -1,12 +1,14 @@
-"""Tests for jaxreid.clustering against dense references (docs/reference.md sections 3 and 4)."""
+"""Tests for jaxreid.pseudo_labels against dense references (docs/reference.md sections 3, 4)."""
 
+import ml_collections
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score
 
-from jaxreid import clustering as C
+from jaxreid import config_checks
+from jaxreid import pseudo_labels as C
 from jaxreid import retrieval as R
 
 
@@ -145,12 +147,34 @@ def test_cluster_stats_by_hand():
   assert C.cluster_stats(pred) == {k: st[k] for k in keys}
 
 
-def test_pseudo_labels_both_methods():
+def test_generate_both_methods():
   x, true = features(3, n=240, n_clusters=20, noise=0.3, dup=0)
-  lab, info = C.pseudo_labels(x, 'dbscan', rho=2e-3)
-  assert info['eps'] > 0 and info['num_clusters'] == lab.max() + 1
-  st = C.cluster_stats(lab, true)
-  assert st['pairwise_precision'] > 0.9
-  lab_k, info_k = C.pseudo_labels(x, 'kmeans', num_clusters=20)
-  assert info_k['centroids'].shape == (20, 32) and info_k['noise_fraction'] == 0.0
+  cc = ml_collections.ConfigDict(
+      dict(
+          method='dbscan',
+          num_clusters=20,
+          k1=20,
+          k2=6,
+          lam=0.0,
+          rho=2e-3,
+          eps_every_epoch=False,
+          min_samples=4,
+          kmeans_backend='jax',
+      )
+  )
+  lab, eps, info = C.generate(cc, x, seed=0)
+  assert eps > 0 and info['eps'] == eps and info['cluster_seconds'] >= 0
+  assert lab.dtype == np.int64 and set(np.unique(lab[lab >= 0])) == set(range(lab.max() + 1))
+  assert C.cluster_stats(lab, true)['pairwise_precision'] > 0.9
+  # A given eps is kept (MMT fixes it at the first epoch) unless it is re-estimated every epoch.
+  assert C.generate(cc, x, seed=0, eps=eps / 2)[1] == eps / 2
+  cc.eps_every_epoch = True
+  assert C.generate(cc, x, seed=0, eps=eps / 2)[1] == eps
+  cc.method = 'kmeans'
+  lab_k, eps_k, info_k = C.generate(cc, x, seed=1, eps=eps)
+  assert eps_k == eps and 'eps' not in info_k and lab_k.min() == 0 and lab_k.max() < 20
+  np.testing.assert_array_equal(lab_k, C.relabel_contiguous(C.kmeans(x, 20, seed=1)[0]))
   assert C.cluster_stats(lab_k, true)['nmi'] > 0.8
+  cc.method = 'spectral'
+  with pytest.raises(config_checks.ConfigError, match="'spectral'"):
+    C.generate(cc, x, seed=0)

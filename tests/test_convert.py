@@ -2,10 +2,11 @@
 
 The references are built here from torch's own modules (Conv2d, BatchNorm2d, InstanceNorm2d,
 MaxPool2d, Linear, BatchNorm1d) with torchvision's / IBN-Net's / MMT's / ABMT's exact key names,
-given random weights and non-trivial BN running statistics, saved with `torch.save`, converted with
-`jaxreid.convert`, and compared feature for feature in eval mode and, in train mode, output for
-output and BN running statistic for running statistic after one forward pass. Small widths keep
-it fast on a CPU. Tests needing torch are skipped without it; the safe loader never needs it.
+given random weights and non-trivial BN running statistics, saved with `torch.save`, read with
+`jaxreid.torch_file`, converted with `jaxreid.convert`, and compared feature for feature in eval
+mode and, in train mode, output for output and BN running statistic for running statistic after
+one forward pass. Small widths keep it fast on a CPU. Tests needing torch are skipped without it;
+the safe loader never needs it.
 """
 
 import copy
@@ -23,6 +24,7 @@ import pytest
 from jaxreid import checkpoint
 from jaxreid import convert
 from jaxreid import models
+from jaxreid import torch_file
 from jaxreid.tools import convert as convert_tool
 
 torch = pytest.importorskip('torch')
@@ -242,7 +244,7 @@ def test_torchvision_resnet18_eval_and_train_parity(tmp_path):
   path = save(ref.state_dict(), tmp_path / 'r18.pth')
   model = models.ReIDNet(depth=18, width=8, num_classes=8)
   report = {}
-  v = convert.convert_checkpoint(path, model, report=report)
+  v = checkpoint.load_weights(path, model, report=report)
   assert report['format'] == 'torchvision'
   assert set(report['ignored']) >= {'fc.weight', 'fc.bias', 'bn1.num_batches_tracked'}
   assert {k.split('/')[1] for k in report['fresh']} == {'neck', 'classifier'}
@@ -279,7 +281,7 @@ def test_ibn_release_resnet50_full_width_legacy_format(tmp_path):
   assert not zipfile.is_zipfile(path)
   model = models.ReIDNet(depth=50, ibn=True, num_classes=4)
   report = {}
-  v = convert.convert_checkpoint(path, model, report=report)
+  v = checkpoint.load_weights(path, model, report=report)
   assert report['format'] == 'ibn'
   x = inputs(1, b=2)
   with torch.no_grad():
@@ -296,11 +298,11 @@ def test_mmt_checkpoint_parity_and_narrow_classifier(tmp_path):
       'best_mAP': np.float64(0.625),
   }  # numpy scalar, as MMT saves it
   path = save(ckpt, tmp_path / 'model_best.pth.tar')
-  loaded = convert.load_torch_checkpoint(path)
+  loaded = torch_file.load(path)
   assert loaded['epoch'] == 3 and loaded['best_mAP'] == 0.625
   model = models.ReIDNet(depth=18, width=8, num_classes=8)
   report = {}
-  v = convert.convert_checkpoint(path, model, report=report)
+  v = checkpoint.load_weights(path, model, report=report)
   assert report['format'] == 'mmt' and not report['fresh']
   kernel = v['params']['classifier']['kernel']
   np.testing.assert_array_equal(kernel[:, :5], ref.classifier.weight.detach().numpy().T)
@@ -329,7 +331,7 @@ def test_abmt_checkpoint_parity(tmp_path):
       tmp_path / 'abmt.pth.tar',
   )
   model = models.ABMTNet(depth=18, width=8, num_classes=6)
-  v = convert.convert_checkpoint(path, model, fmt='abmt')
+  v = convert.convert_state_dict(convert.extract_state_dict(torch_file.load(path)), model, 'abmt')
   x = inputs(3)
   with torch.no_grad():
     expected = ref(nchw(x)).numpy()
@@ -356,7 +358,7 @@ def test_abmt_checkpoint_parity(tmp_path):
   expected_stats = convert.convert_state_dict(tensors(ref.state_dict()), model)['batch_stats']
   assert_tree_close(jax.tree_util.tree_map(np.asarray, new_stats), expected_stats, TRAIN_TOL)
   with pytest.raises(convert.ConversionError, match='--arch abmt'):
-    convert.convert_checkpoint(path, models.ReIDNet(depth=18, width=8))
+    checkpoint.load_weights(path, models.ReIDNet(depth=18, width=8))
 
 
 def test_imagenet_backbone_into_abmt_copies_layer4(tmp_path):
@@ -440,17 +442,17 @@ def test_malicious_pickles_are_refused(tmp_path):
   legacy.write_bytes(payload)  # legacy layout: the payload is the first pickle in the file
   for path in (_zip_checkpoint(tmp_path / 'evil.pth', payload), legacy):
     with pytest.raises(
-        convert.UnsafeCheckpointError, match=r'refusing to load global (posix|os)\.system'
+        torch_file.UnsafeCheckpointError, match=r'refusing to load global (posix|os)\.system'
     ):
-      convert.load_torch_checkpoint(path)
+      torch_file.load(path)
     assert not marker.exists()
   # a pickled nn.Module (torch.save(model)) is refused too, naming the class
   path = save(nn.Linear(2, 2), tmp_path / 'module.pth')
-  with pytest.raises(convert.UnsafeCheckpointError, match='torch.nn.modules.linear.Linear'):
-    convert.load_torch_checkpoint(path)
+  with pytest.raises(torch_file.UnsafeCheckpointError, match='torch.nn.modules.linear.Linear'):
+    torch_file.load(path)
   eval_payload = pickle.dumps(_EvalReduce(), protocol=2)
-  with pytest.raises(convert.UnsafeCheckpointError, match=r'(builtins|__builtin__)\.eval'):
-    convert.load_torch_checkpoint(_zip_checkpoint(tmp_path / 'eval.pth', eval_payload))
+  with pytest.raises(torch_file.UnsafeCheckpointError, match=r'(builtins|__builtin__)\.eval'):
+    torch_file.load(_zip_checkpoint(tmp_path / 'eval.pth', eval_payload))
   # the CLI reports it as an error and writes nothing
   out = tmp_path / 'out.msgpack'
   assert convert_tool.main(['--model', str(tmp_path / 'evil.pth'), '--out', str(out)]) == 2
@@ -477,7 +479,7 @@ def test_storage_dtypes_views_and_parameters(tmp_path, legacy):
       'scalar': torch.tensor(2.5),
       'nested': [1, (2.0, 'x')],
   }
-  loaded = convert.load_torch_checkpoint(save(obj, tmp_path / 'x.pth', legacy=legacy))
+  loaded = torch_file.load(save(obj, tmp_path / 'x.pth', legacy=legacy))
   for k in ('t', 'view', 'half', 'long', 'p', 'empty', 'scalar'):
     np.testing.assert_array_equal(loaded[k], obj[k].detach().numpy(), err_msg=k)
     assert loaded[k].dtype == obj[k].detach().numpy().dtype
@@ -489,10 +491,12 @@ def test_loader_works_without_torch(tmp_path):
   path = save({'state_dict': {'module.w': torch.ones(2, 3)}}, tmp_path / 'w.pth')
   code = (
       'import sys; sys.modules["torch"] = None\n'
-      'from jaxreid import convert\n'
-      f'sd = convert.extract_state_dict(convert.load_torch_checkpoint({str(path)!r}))\n'
-      'assert list(sd) == ["w"] and sd["w"].shape == (2, 3) and sd["w"].sum() == 6\n'
+      'from jaxreid import torch_file\n'
+      f'obj = torch_file.load({str(path)!r})\n'
       'assert "jax" not in sys.modules\n'
+      'from jaxreid import convert\n'
+      'sd = convert.extract_state_dict(obj)\n'
+      'assert list(sd) == ["w"] and sd["w"].shape == (2, 3) and sd["w"].sum() == 6\n'
   )
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   subprocess.run([sys.executable, '-c', code], check=True, env=env)
@@ -526,7 +530,7 @@ def test_cli_roundtrip(tmp_path):
   assert rc == 0
   model = models.ReIDNet(depth=18, width=4, num_classes=7)
   loaded = checkpoint.read_weights(str(out), model)
-  assert_tree_close(loaded, convert.convert_checkpoint(path, model), tol=0)
+  assert_tree_close(loaded, checkpoint.load_weights(path, model), tol=0)
   assert open(out, 'rb').read(1) != b'\x80'  # msgpack, not a pickle
   with pytest.raises(convert.ConversionError, match='mis-shaped'):
     checkpoint.read_weights(str(out), models.ReIDNet(depth=18, width=8, num_classes=7))
@@ -545,4 +549,4 @@ def test_legacy_file_declaring_huge_storage_is_refused_without_allocating(tmp_pa
   data[at - 8 : at] = np.array([2**60], '<i8').tobytes()
   open(path, 'wb').write(bytes(data))
   with pytest.raises(pickle.UnpicklingError, match='more than the file holds'):
-    convert.load_torch_checkpoint(str(path))
+    torch_file.load(str(path))

@@ -1,4 +1,4 @@
-"""`jaxreid-search` (`python -m jaxreid.search`) end to end on a tiny model and folders of awkward images.
+"""`jaxreid-search` (`python -m jaxreid.tools.search`) end to end on a tiny model and folders of awkward images.
 
 The folders mix sizes, modes (L, RGB, RGBA, P) and formats (PNG, JPEG, BMP), hold one corrupt
 file and one non-image file, and use Market-1501 names, so matches can be marked by identity.
@@ -24,7 +24,7 @@ from jaxreid import inference
 from jaxreid import input_pipeline
 from jaxreid import models
 from jaxreid import numpy_init
-from jaxreid import plots
+from jaxreid import retrieval_figure
 from jaxreid import search
 from jaxreid.tools import search as search_tool
 
@@ -143,14 +143,14 @@ def test_search_end_to_end(world, tmp_path, capsys):
   ]
 
   # The picture: 3 rows of query + top 4 at the model's input size (x4 to 128 px tall).
-  layout = plots.retrieval_layout(3, 4, (H, W), with_text=True)
+  layout = retrieval_figure.retrieval_layout(3, 4, (H, W), with_text=True)
   with Image.open(out_png) as im:
     assert im.size == (layout.size[1], layout.size[0])
     img = np.asarray(im.convert('RGB'))
   for i in range(3):
     for j, r in enumerate(ranks[4 * i : 4 * i + 4]):
       t, l, _, _ = layout.cell_box(i, j + 1)
-      want = plots.MATCH_COLOR if r[2] == 'yes' else plots.MISMATCH_COLOR
+      want = retrieval_figure.MATCH_COLOR if r[2] == 'yes' else retrieval_figure.MISMATCH_COLOR
       assert tuple(img[t, l]) == want
 
   # Features are the model's: an independent extraction of the query images agrees.
@@ -212,11 +212,11 @@ def test_names_without_identity_give_neutral_borders(world, tmp_path, capsys):
   assert len(ranks) == 3  # top 5 of a 3-image gallery
   assert {r[2] for r in ranks} == {'-'}
   assert 'Market-1501 convention' in out and '0 unreadable file(s) skipped' in out
-  layout = plots.retrieval_layout(1, 3, (H, W), with_text=True)
+  layout = retrieval_figure.retrieval_layout(1, 3, (H, W), with_text=True)
   img = np.asarray(Image.open(out_png).convert('RGB'))
   assert img.shape[:2] == layout.size
   t, l, _, _ = layout.cell_box(0, 2)
-  assert tuple(img[t, l]) == plots.NEUTRAL_COLOR
+  assert tuple(img[t, l]) == retrieval_figure.NEUTRAL_COLOR
 
 
 def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
