@@ -16,24 +16,29 @@ import dataclasses
 import hashlib
 import os
 import time
-from typing import Any
+from typing import Callable
 from typing import Sequence
 
+from flax import linen as nn
 import jax
+from jax.sharding import Mesh
+import ml_collections
 import numpy as np
+import optax
 
 from jaxreid import checkpoint as checkpoint_lib
-from jaxreid import clustering
 from jaxreid import config_checks
 from jaxreid import distributed
-from jaxreid import evaluation
 from jaxreid import export as export_lib
 from jaxreid import features as features_lib
 from jaxreid import input_pipeline
 from jaxreid import methods as methods_lib
 from jaxreid import models
-from jaxreid import retrieval
+from jaxreid import pseudo_labels
+from jaxreid import reporting
 from jaxreid import train as train_lib
+from jaxreid.evaluator import Evaluator
+from jaxreid.input_pipeline import DecodedSet
 from jaxreid.metrics_writer import MetricsWriter
 from jaxreid.metrics_writer import Progress
 from jaxreid.metrics_writer import format_duration
@@ -66,17 +71,17 @@ class LoopState:
 class Adaptation:
   """The fixed parts of one adaptation run."""
 
-  config: Any
+  config: ml_collections.ConfigDict
   method: methods_lib.Method
-  model: Any
-  tx: Any
-  train_chunk: Any
-  embed_fn: Any
-  mesh: Any
-  target: Any  # input_pipeline.DecodedSet
-  test: Any  # input_pipeline.DecodedSet | None: the target's test split or a validation set
-  source: Any  # input_pipeline.DecodedSet | None (DBSCAN source mixing)
-  images_dev: Any  # the target training images, on the devices once
+  model: nn.Module  # models.ReIDNet or models.ABMTNet, classifier max_classes wide
+  tx: optax.GradientTransformation
+  train_chunk: Callable  # train.make_train_chunk: (state, data, idx, idx) -> (state, metrics)
+  embed_fn: Callable  # features.make_embed_fn: (variables, images) -> features
+  mesh: Mesh
+  target: DecodedSet
+  evaluator: Evaluator | None  # the target's test split or a validation set; None: no labels
+  source: DecodedSet | None  # for DBSCAN's source mixing
+  images_dev: jax.Array  # the target training images, on the devices once
   max_classes: int
   writer: MetricsWriter
   ckpt: checkpoint_lib.Checkpointer
@@ -134,14 +139,14 @@ def clustering_features(role_features: dict, method, cluster_method: str) -> np.
   )
 
 
-def extract_features(run: Adaptation, state) -> dict[str, np.ndarray]:
+def extract_features(adaptation: Adaptation, state) -> dict[str, np.ndarray]:
   return network_features(
-      run.embed_fn,
+      adaptation.embed_fn,
       state,
-      run.method,
-      run.target.train,
-      run.config.data.eval_batch_size,
-      students=bool(run.config.train.coupling),
+      adaptation.method,
+      adaptation.target.train,
+      adaptation.config.data.eval_batch_size,
+      students=bool(adaptation.config.train.coupling),
   )
 
 
@@ -149,73 +154,42 @@ def extract_features(run: Adaptation, state) -> dict[str, np.ndarray]:
 # Phase 2: pseudo labels
 
 
-def cluster(
-    config, feats: np.ndarray, source_feats: np.ndarray | None, epoch: int, eps: float | None
+def make_pseudo_labels(
+    adaptation: Adaptation, state, role_feats: dict, loop: LoopState, epoch: int
 ):
-  """Clusters target features (docs/reference.md sections 3 and 4); returns labels, eps, info."""
-  cc = config.cluster
-  t0 = time.time()
-  info: dict[str, Any] = {}
-  what = (
-      f'K-means, {cc.num_clusters} clusters'
-      if cc.method == 'kmeans'
-      else f'k-reciprocal Jaccard (k1 {cc.k1}, k2 {cc.k2}) + DBSCAN'
-  )
-  log(f'[cluster] {what} of {feats.shape[0]} x {feats.shape[1]} features ...')
-  if cc.method == 'kmeans':
-    labels, _ = clustering.kmeans(
-        feats, cc.num_clusters, seed=config.seed + epoch, backend=cc.kmeans_backend
-    )
-  elif cc.method == 'dbscan':
-    graph = retrieval.jaccard_distance(
-        feats, k1=cc.k1, k2=cc.k2, source_features=source_feats if cc.lam > 0 else None, lam=cc.lam
-    )
-    if eps is None or cc.eps_every_epoch:
-      eps = float(clustering.estimate_eps(graph, cc.rho))
-    labels = clustering.dbscan(graph, eps, min_samples=cc.min_samples)
-    info['eps'] = eps
-  else:
-    raise config_checks.ConfigError(
-        f"config.cluster.method must be 'kmeans' or 'dbscan', got {cc.method!r}"
-    )
-  labels = clustering.relabel_contiguous(np.asarray(labels))
-  info['cluster_seconds'] = time.time() - t0
-  log(f'[cluster] done in {format_duration(info["cluster_seconds"])}')
-  return labels, eps, info
-
-
-def make_pseudo_labels(run: Adaptation, state, role_feats: dict, loop: LoopState, epoch: int):
   """Labels of the target training images from the clustering features; returns (labels,
   clustering features, record). Updates `loop.eps`."""
-  cc = run.config.cluster
-  feats = clustering_features(role_feats, run.method, cc.method)
+  cc = adaptation.config.cluster
+  feats = clustering_features(role_feats, adaptation.method, cc.method)
   source_feats = None
   if cc.method == 'dbscan' and cc.lam > 0:
-    if run.source is None:
+    if adaptation.source is None:
       raise config_checks.ConfigError(
           'config.cluster.lam > 0 (source mixing) needs a source data set'
       )
     source_roles = network_features(
-        run.embed_fn,
+        adaptation.embed_fn,
         state,
-        run.method,
-        run.source.train,
-        run.config.data.eval_batch_size,
+        adaptation.method,
+        adaptation.source.train,
+        adaptation.config.data.eval_batch_size,
         students=False,
     )
-    source_feats = clustering_features(source_roles, run.method, cc.method)
+    source_feats = clustering_features(source_roles, adaptation.method, cc.method)
   # Clustered once, by process 0; the other processes receive its labels and eps.
   labels, eps, info = np.zeros(len(feats), np.int64), loop.eps, {}
   if distributed.is_primary():
-    labels, eps, info = cluster(run.config, feats, source_feats, epoch, loop.eps)
+    labels, eps, info = pseudo_labels.generate(
+        cc, feats, source_features=source_feats, seed=adaptation.config.seed + epoch, eps=loop.eps
+    )
   labels, eps = distributed.broadcast((labels, np.float64(np.nan if eps is None else eps)))
   labels, loop.eps = np.asarray(labels), None if np.isnan(eps) else float(eps)
-  ds = run.target.dataset
-  stats = clustering.cluster_stats(labels, ds.train.pids if ds.labelled else None)
-  if stats['num_clusters'] > run.max_classes:
+  ds = adaptation.target.dataset
+  stats = pseudo_labels.cluster_stats(labels, ds.train.pids if ds.labelled else None)
+  if stats['num_clusters'] > adaptation.max_classes:
     raise config_checks.ConfigError(
         f'config.cluster.max_classes: {stats["num_clusters"]} clusters exceed config.cluster.max_classes='
-        f'{run.max_classes}; raise it (the classifier width is fixed for the run)'
+        f'{adaptation.max_classes}; raise it (the classifier width is fixed for the run)'
     )
   record = {'epoch': epoch + 1, **info, **{f'cluster/{k}': v for k, v in stats.items()}}
   return labels, feats, record
@@ -249,46 +223,55 @@ def resize_classifiers(variables: dict, num_classes: int) -> dict:
   return {**variables, 'params': params}
 
 
-def set_classifiers(run: Adaptation, state, feats: np.ndarray, labels: np.ndarray):
+def set_classifiers(adaptation: Adaptation, state, feats: np.ndarray, labels: np.ndarray):
   """Classifier rows of every student and teacher := L2-normalised cluster centroids
   (docs/reference.md section 3)."""
-  centroids = clustering.centroids(feats, labels, int(labels.max()) + 1)
+  centroids = pseudo_labels.centroids(feats, labels, int(labels.max()) + 1)
   set_rows = jax.jit(models.set_classifier_rows)
   params = {n: set_rows(p, centroids) for n, p in state.params.items()}
   teacher = {n: set_rows(p, centroids) for n, p in state.teacher_params.items()}
-  return train_lib.replicate(state.replace(params=params, teacher_params=teacher), run.mesh)
+  return train_lib.replicate(state.replace(params=params, teacher_params=teacher), adaptation.mesh)
 
 
 # ----------------------------------------------------------------------------------------------
 # Phase 4: one epoch of training
 
 
-def train_epoch(run: Adaptation, state, labels: np.ndarray, progress: Progress, epoch: int):
+def train_epoch(adaptation: Adaptation, state, labels: np.ndarray, progress: Progress, epoch: int):
   """One epoch on the pseudo labels: P x K batches, a fresh Adam state (the references build a
   new optimizer every epoch), the jitted chunks of `jaxreid.train`."""
-  config, tc = run.config, run.config.train
+  config, tc = adaptation.config, adaptation.config.train
   num_clusters = int(labels.max()) + 1
   data = train_lib.replicate(
       train_lib.EpochData(
-          images=run.images_dev,
+          images=adaptation.images_dev,
           labels=labels.astype(np.int32),
-          class_mask=models.class_mask(num_clusters, run.max_classes),
-          target_images=np.zeros((1,) + run.target.train.shape[1:], np.uint8),
+          class_mask=models.class_mask(num_clusters, adaptation.max_classes),
+          target_images=np.zeros((1,) + adaptation.target.train.shape[1:], np.uint8),
       ),
-      run.mesh,
+      adaptation.mesh,
   )
   batch_idx = input_pipeline.pk_epoch_indices(
       np.random.default_rng([config.seed, epoch, 0]),
       labels,
-      run.target.dataset.train.camids,
+      adaptation.target.dataset.train.camids,
       iters=tc.iters,
       batch_size=config.data.batch_size,
       num_instances=config.data.num_instances,
   )
-  state = state.replace(opt_state=train_lib.init_opt_state(run.tx, state.params, run.mesh))
+  state = state.replace(
+      opt_state=train_lib.init_opt_state(adaptation.tx, state.params, adaptation.mesh)
+  )
   chunk = train_lib.chunk_size(tc.iters, tc.log_every)
   state, metrics, seconds = train_lib.run_epoch(
-      run.train_chunk, state, data, batch_idx, np.zeros_like(batch_idx), progress, epoch, chunk
+      adaptation.train_chunk,
+      state,
+      data,
+      batch_idx,
+      np.zeros_like(batch_idx),
+      progress,
+      epoch,
+      chunk,
   )
   return state, {**metrics, 'train_seconds': seconds, 'lr': float(tc.lr)}
 
@@ -297,23 +280,21 @@ def train_epoch(run: Adaptation, state, labels: np.ndarray, progress: Progress, 
 # Phase 5: evaluation
 
 
-def evaluate(run: Adaptation, state, loop: LoopState, epoch: int) -> dict:
+def evaluate(adaptation: Adaptation, state, loop: LoopState, epoch: int) -> dict:
   """Every network's evaluation on the target test set; updates `loop.last_results` (network 1's
   teacher, or the better network with select_best_on_test, the papers' choice) and `loop.best`."""
-  tc = run.config.train
+  tc = adaptation.config.train
   record, per_net = {}, {}
-  for name in run.method.networks:
-    res = evaluation.evaluate_variables(
-        run.embed_fn,
-        [state.variables(name, teacher=run.method.ema)],
-        run.test,
-        batch_size=run.config.data.eval_batch_size,
-        rerank=run.config.eval.rerank,
-        branches=run.two_branch,
+  for name in adaptation.method.networks:
+    res = adaptation.evaluator.run(
+        adaptation.embed_fn,
+        [state.variables(name, teacher=adaptation.method.ema)],
+        batch_size=adaptation.config.data.eval_batch_size,
+        branches=adaptation.two_branch,
     )
     per_net[name] = res
     record.update({f'{name}/{k}': v for k, v in res.items()})
-  names = run.method.networks
+  names = adaptation.method.networks
   model_name = max(per_net, key=lambda n: per_net[n]['mAP']) if tc.select_best_on_test else names[0]
   loop.last_results = dict(per_net[model_name], model=model_name, epoch=epoch + 1)
   record.update(
@@ -321,7 +302,7 @@ def evaluate(run: Adaptation, state, loop: LoopState, epoch: int) -> dict:
   )
   if tc.select_best_on_test and (loop.best is None or loop.last_results['mAP'] > loop.best['mAP']):
     loop.best = loop.last_results
-    run.ckpt.save(epoch, state, loop.meta(epoch), kind='best')
+    adaptation.ckpt.save(epoch, state, loop.meta(epoch), kind='best')
   return record
 
 
@@ -329,7 +310,9 @@ def evaluate(run: Adaptation, state, loop: LoopState, epoch: int) -> dict:
 # The loop
 
 
-def setup(config, target, source, students: Sequence[dict], workdir: str, mesh, writer, test=None):
+def setup(
+    config, target, source, students: Sequence[dict], workdir: str, mesh, writer, evaluator=None
+):
   """The run's fixed parts and its starting train state (fresh or restored) and loop state."""
   tc = config.train
   method, loss = methods_lib.from_config(config)
@@ -339,7 +322,7 @@ def setup(config, target, source, students: Sequence[dict], workdir: str, mesh, 
   tx = train_lib.make_optimizer(tc.lr, weight_decay=tc.weight_decay)
   state = train_lib.create_train_state(method, students, tx, jax.random.PRNGKey(config.seed))
   state = train_lib.replicate(state, mesh)
-  step_fn = methods_lib.make_train_step(
+  step_fn = train_lib.make_train_step(
       method,
       model,
       tx,
@@ -348,7 +331,7 @@ def setup(config, target, source, students: Sequence[dict], workdir: str, mesh, 
       erasing_prob=tc.erasing_prob,
       mesh=mesh,
   )
-  run = Adaptation(
+  adaptation = Adaptation(
       config=config,
       method=method,
       model=model,
@@ -357,7 +340,7 @@ def setup(config, target, source, students: Sequence[dict], workdir: str, mesh, 
       embed_fn=features_lib.make_embed_fn(model, mesh),
       mesh=mesh,
       target=target,
-      test=test,
+      evaluator=evaluator,
       source=source,
       images_dev=train_lib.replicate(target.train, mesh),
       max_classes=max_classes,
@@ -365,11 +348,11 @@ def setup(config, target, source, students: Sequence[dict], workdir: str, mesh, 
       ckpt=checkpoint_lib.Checkpointer(workdir),
   )
   loop = LoopState()
-  if run.ckpt.latest_step() is not None:
-    state, meta = run.ckpt.restore(state)
+  if adaptation.ckpt.latest_step() is not None:
+    state, meta = adaptation.ckpt.restore(state)
     loop = LoopState.from_meta(meta)
-    log(f'[{config.method}] resuming after epoch {loop.epoch} from {run.ckpt.directory}')
-  return run, state, loop
+    log(f'[{config.method}] resuming after epoch {loop.epoch} from {adaptation.ckpt.directory}')
+  return adaptation, state, loop
 
 
 def adapt(
@@ -380,11 +363,14 @@ def adapt(
     workdir: str,
     mesh,
     writer: MetricsWriter,
-    test=None,
+    evaluator: Evaluator | None = None,
 ) -> dict:
-  """Unsupervised adaptation to the target domain; returns the selected model's evaluation
-  (empty without a labelled `test` set: the target's test split or a validation set)."""
-  run, state, loop = setup(config, target, source, students, workdir, mesh, writer, test)
+  """Unsupervised adaptation to the target domain; returns the selected model's evaluation by
+  `evaluator` (the target's test split or a validation set; None: an unlabelled target, an empty
+  result)."""
+  adaptation, state, loop = setup(
+      config, target, source, students, workdir, mesh, writer, evaluator
+  )
   tc = config.train
   progress = Progress(config.method, tc.epochs, tc.iters, loop.epoch)
   # Features of the current state, when the previous epoch already extracted them for the
@@ -392,13 +378,15 @@ def adapt(
   current_features = None
   for epoch in range(loop.epoch, tc.epochs):
     t_epoch = time.time()
-    role_feats = current_features or extract_features(run, state)
+    role_feats = current_features or extract_features(adaptation, state)
     current_features = None
     features_seconds = time.time() - t_epoch
     if epoch == 0 and tc.coupling:  # the networks before adaptation
-      writer.write(config.method, 0, features_lib.coupling(role_feats, two_branch=run.two_branch))
+      writer.write(
+          config.method, 0, features_lib.coupling(role_feats, two_branch=adaptation.two_branch)
+      )
 
-    labels, feats, record = make_pseudo_labels(run, state, role_feats, loop, epoch)
+    labels, feats, record = make_pseudo_labels(adaptation, state, role_feats, loop, epoch)
     num_clusters = int(record['cluster/num_clusters'])
     if num_clusters < 2:
       log(
@@ -408,34 +396,34 @@ def adapt(
           'num_clusters).'
       )
       writer.write(config.method, epoch + 1, {**record, 'skipped': True})
-      run.ckpt.save(epoch, state, loop.meta(epoch))
+      adaptation.ckpt.save(epoch, state, loop.meta(epoch))
       continue
 
-    state = set_classifiers(run, state, feats, labels)
-    state, metrics = train_epoch(run, state, labels, progress, epoch)
+    state = set_classifiers(adaptation, state, feats, labels)
+    state, metrics = train_epoch(adaptation, state, labels, progress, epoch)
     progress.epoch_done(time.time() - t_epoch)
     record.update(metrics)
     if tc.coupling:  # the networks after this epoch (ABMT paper, Fig. 4)
       t = time.time()
-      current_features = extract_features(run, state)
-      record.update(features_lib.coupling(current_features, two_branch=run.two_branch))
+      current_features = extract_features(adaptation, state)
+      record.update(features_lib.coupling(current_features, two_branch=adaptation.two_branch))
       features_seconds += time.time() - t
 
     eval_now = (
-        run.test is not None
+        adaptation.evaluator is not None
         and tc.eval_every
         and ((epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs)
     )
     if eval_now:
       t = time.time()
-      record.update(evaluate(run, state, loop, epoch))
+      record.update(evaluate(adaptation, state, loop, epoch))
       record['evaluate_seconds'] = time.time() - t
     record.update(features_seconds=features_seconds, epoch_seconds=time.time() - t_epoch)
 
     writer.write(config.method, epoch + 1, record)
-    run.ckpt.save(epoch, state, loop.meta(epoch))
+    adaptation.ckpt.save(epoch, state, loop.meta(epoch))
     if eval_now:
-      evaluation.draw_plots(workdir, overview_only=True)
+      reporting.draw_plots(workdir, overview_only=True)
     log(
         f'[{config.method}] epoch {epoch + 1}/{tc.epochs} loss {metrics["loss/total"]:.3f} '
         f'clusters {num_clusters} noise {record["cluster/noise_fraction"]:.0%}'
@@ -444,10 +432,10 @@ def adapt(
             if 'cluster/nmi' in record
             else unsupervised_signals(record)
         )
-        + (f' | {evaluation.results_line(loop.last_results)}' if eval_now else '')
+        + (f' | {reporting.results_line(loop.last_results)}' if eval_now else '')
         + f' | {time.time() - t_epoch:.1f}s eta {format_duration(progress.eta(epoch))}'
     )
-  return finish(run, state, loop, workdir)
+  return finish(adaptation, state, loop, workdir)
 
 
 def unsupervised_signals(record: dict) -> str:
@@ -462,24 +450,26 @@ def unsupervised_signals(record: dict) -> str:
   return text
 
 
-def finish(run: Adaptation, state, loop: LoopState, workdir: str) -> dict:
+def finish(adaptation: Adaptation, state, loop: LoopState, workdir: str) -> dict:
   """Exports the reported model: the best epoch's (and its network) with select_best_on_test,
   else the last epoch's (as model.msgpack, and as a PyTorch file with export.torch_format);
   returns its evaluation."""
-  if run.config.train.select_best_on_test and loop.best is not None:
+  if adaptation.config.train.select_best_on_test and loop.best is not None:
     selected = dict(loop.best, selection='best epoch on the target test set')
-    export_state, _ = run.ckpt.restore(state, kind='best')
+    export_state, _ = adaptation.ckpt.restore(state, kind='best')
   else:
     selected, export_state = dict(loop.last_results, selection='last epoch'), state
   path = os.path.join(workdir, 'model.msgpack')
-  network = selected.get('model', run.method.networks[0])
-  variables = export_state.variables(network, teacher=run.method.ema)
+  network = selected.get('model', adaptation.method.networks[0])
+  variables = export_state.variables(network, teacher=adaptation.method.ema)
   checkpoint_lib.save_weights(path, variables)
   log(f'[export] model written to {path}')
-  fmt = run.config.export.torch_format
+  fmt = adaptation.config.export.torch_format
   if fmt and distributed.is_primary():
     torch_path = os.path.join(workdir, 'model.pth')
-    _, notes = export_lib.write_torch_file(run.model, jax.device_get(variables), fmt, torch_path)
+    _, notes = export_lib.write_torch_file(
+        adaptation.model, jax.device_get(variables), fmt, torch_path
+    )
     log(f'[export] {fmt} file written to {torch_path}: ' + '; '.join(notes))
-  run.ckpt.close()
+  adaptation.ckpt.close()
   return selected

@@ -6,11 +6,11 @@ import importlib.util
 
 import jax
 
+from jaxreid import methods as methods_lib
 from jaxreid import models
+from jaxreid.errors import ConfigError
 
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message starts with the key (`config.train.lr: ...`)."""
+__all__ = ['ConfigError', 'validate_config']
 
 
 # Every numeric config field's valid range (low, high or None, high included): checked before any
@@ -56,7 +56,6 @@ NUMERIC_RANGES = {
 
 def validate_config(config) -> None:
   """Fails before any work starts, naming the offending key."""
-  from jaxreid import methods as methods_lib  # it raises ConfigError itself
 
   def check(cond, key, msg):
     if not cond:
@@ -180,7 +179,7 @@ def _check_unlabelled_target(config, check) -> None:
       'cluster.num_clusters',
       'K-means needs the number of clusters for your data: set '
       '--config.cluster.num_clusters=N (about the number of people in the folder), or use a '
-      'method that finds it with DBSCAN (configs/abmt.py:folder, configs/mmt.py:folder,dbscan)',
+      'method that finds it with DBSCAN (configs/folder.py, configs/folder.py:mmt,dbscan)',
   )
   check(
       cc.method != 'kmeans' or cc.num_clusters >= 2,

@@ -12,13 +12,12 @@ normalisation. A model trained with last stride 1 needs `model.features[14].conv
 (1, 1)` after loading (in the notes). An ABMT network exports one branch (`single_branch(...,
 'avg')`: a plain OSNet / MobileNetV2; the max branch has an extra block no PyTorch twin has).
 `save_torch` writes the file (needs PyTorch installed). The command line is `jaxreid-export`
-(`jaxreid.tools.export`, also `python -m jaxreid.export`).
+(`jaxreid.tools.export`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from flax import traverse_util
 import numpy as np
@@ -77,7 +76,7 @@ def torch_state_dict(model, variables: dict, fmt: str) -> tuple[dict, list[str]]
             f' (use --format={have[0]})'
             if have
             else ': ResNet models have no torchreid / torchvision export here (their '
-            'head differs); use the .msgpack with jaxreid.evaluate / search'
+            'head differs); use the .msgpack with jaxreid-evaluate / jaxreid-search'
         )
     )
   src_fmt = 'torchreid' if kind == 'osnet' else 'mobilenetv2'
@@ -143,16 +142,10 @@ def write_torch_file(model, variables: dict, fmt: str, path: str) -> tuple[int, 
 def save_torch(path: str, state_dict: dict) -> None:
   """`torch.save` of the tensors (written next to the target, then renamed: never half a file)."""
   try:
-    import torch
+    import torch  # optional (the convert extra): only writing a PyTorch file needs it
   except ImportError:
     raise ExportError('writing a PyTorch file needs PyTorch: pip install torch') from None
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
   tmp = f'{path}.tmp'
   torch.save(tensors, tmp)
   os.replace(tmp, path)
-
-
-if __name__ == '__main__':  # `python -m jaxreid.export`: the command line is jaxreid.tools.export
-  from jaxreid.tools import export as _tool
-
-  sys.exit(_tool.main())

@@ -6,7 +6,7 @@ so a converted torchreid model gives torchreid's features: RGB PIL image, `T.Res
 (PIL bilinear), ToTensor and ImageNet Normalize. Only the resize runs on the host (to uint8 at the
 model's size); the normalisation runs once, on the device, inside the jitted embedding
 (`features.make_embed_fn`). `interpolation='bicubic'` is training's decoding instead
-(`input_pipeline`), which `jaxreid.evaluate` and `jaxreid.search` use so that their features equal
+(`input_pipeline`), which `jaxreid.evaluator` and `jaxreid.search` use so that their features equal
 the ones evaluated during training. `rank` orders a gallery for each query.
 """
 

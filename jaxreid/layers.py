@@ -196,8 +196,8 @@ def conv_general(
   A 1x1 convolution is `x[:, ::s, ::s] @ kernel[0, 0]`. XLA:CPU computes its kernel gradient as a
   convolution whose batch is the input channels, after transposing the activations and output
   gradients to a channel-major layout; as a product contracting batch and space it is a plain
-  matrix product with one transposed operand (measured, 2 cores, NHWC 16x64x32x256 -> 64: kernel
-  gradient 135 ms as a convolution, 38 ms as a product; experiments/results_benchmark.md). pointwise_impl='auto' takes the product
+  matrix product with one transposed operand, several times faster on the CPU
+  (docs/performance.md). pointwise_impl='auto' takes the product
   when tracing for the CPU and XLA's convolution elsewhere (GPU / TPU compilers already lower 1x1
   convolutions to matrix products); both are equal to float rounding (tested). Every other
   convolution goes to `lax.conv_general_dilated` unchanged.
@@ -259,7 +259,8 @@ def conv2d(
   pointwise_as_dot: 1x1 convolutions as matrix products on the CPU (`conv_general`). ResNet's
   bottlenecks take it (train step 33% faster at 256x128 batch 16); OSNet and MobileNetV2 do not:
   their 1x1 layers read depthwise outputs, and the product's kernel gradient then transposes a
-  fused depthwise sum, which made their steps 24% and 44% slower (experiments/results_benchmark.md).
+  fused depthwise sum, which made their steps 24% and 44% slower
+  (experiments/benchmarks/results_benchmark.md).
   """
   return nn.Conv(
       features,
@@ -291,18 +292,14 @@ def depthwise_conv(
   accumulated in float32. impl='dense': a plain convolution whose (kh, kw, C, C) kernel is zero off
   the channel diagonal, accumulated in float32: C times the arithmetic, but one library call.
 
-  XLA:CPU lowers grouped convolutions to a slow generic loop (measured, 2 cores, 32x64x32x64 3x3:
-  forward 80 ms vs 2 ms shifted; forward + backward 139 vs 45 ms). The shifted form's forward is
+  XLA:CPU lowers grouped convolutions to a slow generic loop. The shifted form's forward is
   fast, but differentiated inside a network XLA fuses the neighbouring BatchNorm / ReLU / padding
   work into each of the nine slices and kernel-gradient reductions and recomputes it there. So
   impl='auto', when tracing for the CPU, computes the shifted forward everywhere and gives it a
   backward over operands computed once: for layers of at most `DEPTHWISE_DENSE_MAX_CHANNELS`
   channels, the gradients of the dense form (a library convolution); above, a hand-written
-  shifted backward behind optimisation barriers. Measured, same-process A/B on the 2-core CPU
-  (256x128 b16; experiments/results_benchmark.md): OSNet x0.25's MMT step 1,577 ms with
-  autodiff of the shifted form, 1,379 with the hand-written backward everywhere, 1,202-1,301
-  with the dense one up to 32 channels; MobileNetV2's one-network step 2,149 -> 1,773 ms with
-  the hand-written backward above 32 channels. Other backends take 'xla' (GPUs and TPUs have
+  shifted backward behind optimisation barriers; this split was the fastest of the forms tried
+  (docs/performance.md has the A/B). Other backends take 'xla' (GPUs and TPUs have
   fast depthwise kernels). Every form equals a grouped convolution to float rounding (tested).
   """
   kh, kw, one, c = kernel.shape

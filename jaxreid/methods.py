@@ -3,7 +3,8 @@
 A `Method` says how many student networks it trains, whether each has an EMA teacher, which
 independently augmented view of the batch every network sees, which model architecture it needs
 and its loss function with that function's default weights. `METHODS` holds the five methods; the
-runner, the benchmark and the tests all build a training step from it with `make_train_step`.
+runner, the benchmark and the tests all build a training step from it with
+`jaxreid.train.make_train_step`.
 
 A loss function is plain: `loss(outputs, labels, weights) -> (total, metrics)`, where
 * `outputs` is the flat dict of network outputs of one step: `student1/features`,
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxreid import losses
-from jaxreid.config_checks import ConfigError
+from jaxreid.errors import ConfigError
 
 
 class Labels(NamedTuple):
@@ -252,30 +253,63 @@ _ABMT_TERMS = tuple(
 _MMT_GROUPS = {'ce': None, 'tri': None, 'soft_ce': None, 'soft_tri': None}
 
 METHODS: dict[str, Method] = {
-    'pretrain': Method(
-        'pretrain', 1, False, (0,), (), None, supervised_loss,
-        _names({'ce': 1.0, 'tri': 1.0}, ('ce_avg', 'tri_avg', 'ce_max', 'tri_max')),
-    ),
-    # MMT with both soft weights 0 on one network: CE + softmax triplet, no teacher.
-    'cluster_baseline': Method(
-        'cluster_baseline', 1, False, (0,), (), 'resnet', supervised_loss,
-        _names({'ce': 1.0, 'tri': 1.0}),
-    ),
-    # One network supervised by its own EMA teacher. The teacher sees a second view, as MMT's
-    # teachers do (the references are silent on the baseline's views).
-    'mean_teacher': Method(
-        'mean_teacher', 1, True, (0,), (1,), 'resnet', mean_teacher_loss,
-        _names(_MMT_GROUPS, soft_ce_weight=0.5, soft_tri_weight=0.8),
-    ),
-    'mmt': Method(
-        'mmt', 2, True, (0, 1), (0, 1), 'resnet', mmt_loss,
-        _names(_MMT_GROUPS, _MMT_TERMS, soft_ce_weight=0.5, soft_tri_weight=0.8),
-    ),
-    'abmt': Method(
-        'abmt', 1, True, (0,), (0,), 'abmt', abmt_loss,
-        _names({'ce': 0.25, 'soft_ce': 0.25, 'soft_tri': 0.5, 'tri': 0.0}, _ABMT_TERMS),
-    ),
-}  # fmt: skip
+    m.name: m
+    for m in (
+        Method(
+            name='pretrain',
+            num_students=1,
+            ema=False,
+            student_views=(0,),
+            teacher_views=(),
+            arch=None,
+            loss=supervised_loss,
+            weights=_names({'ce': 1.0, 'tri': 1.0}, ('ce_avg', 'tri_avg', 'ce_max', 'tri_max')),
+        ),
+        # MMT with both soft weights 0 on one network: CE + softmax triplet, no teacher.
+        Method(
+            name='cluster_baseline',
+            num_students=1,
+            ema=False,
+            student_views=(0,),
+            teacher_views=(),
+            arch='resnet',
+            loss=supervised_loss,
+            weights=_names({'ce': 1.0, 'tri': 1.0}),
+        ),
+        # One network supervised by its own EMA teacher. The teacher sees a second view, as MMT's
+        # teachers do (the references are silent on the baseline's views).
+        Method(
+            name='mean_teacher',
+            num_students=1,
+            ema=True,
+            student_views=(0,),
+            teacher_views=(1,),
+            arch='resnet',
+            loss=mean_teacher_loss,
+            weights=_names(_MMT_GROUPS, soft_ce_weight=0.5, soft_tri_weight=0.8),
+        ),
+        Method(
+            name='mmt',
+            num_students=2,
+            ema=True,
+            student_views=(0, 1),
+            teacher_views=(0, 1),
+            arch='resnet',
+            loss=mmt_loss,
+            weights=_names(_MMT_GROUPS, _MMT_TERMS, soft_ce_weight=0.5, soft_tri_weight=0.8),
+        ),
+        Method(
+            name='abmt',
+            num_students=1,
+            ema=True,
+            student_views=(0,),
+            teacher_views=(0,),
+            arch='abmt',
+            loss=abmt_loss,
+            weights=_names({'ce': 0.25, 'soft_ce': 0.25, 'soft_tri': 0.5, 'tri': 0.0}, _ABMT_TERMS),
+        ),
+    )
+}
 
 
 def get(name: str) -> Method:
@@ -353,11 +387,3 @@ def from_config(config) -> tuple[Method, Callable]:
     method = dataclasses.replace(method, teacher_views=views)
   loss_config = config.loss.to_dict() if hasattr(config.loss, 'to_dict') else config.loss
   return method, objective(method, loss_config)
-
-
-def make_train_step(method: Method, model, tx, *, loss: Callable | None = None, **kwargs):
-  """The method's jittable train step (`jaxreid.train.make_train_step`): `loss` defaults to the
-  method's own objective with its default weights."""
-  from jaxreid import train as train_lib
-
-  return train_lib.make_train_step(model, method, loss or objective(method), tx, **kwargs)

@@ -13,13 +13,14 @@ import jax
 import numpy as np
 
 from jaxreid import checkpoint as checkpoint_lib
-from jaxreid import evaluation
 from jaxreid import features as features_lib
 from jaxreid import input_pipeline
 from jaxreid import methods as methods_lib
 from jaxreid import models
 from jaxreid import numpy_init
+from jaxreid import reporting
 from jaxreid import train as train_lib
+from jaxreid.evaluator import Evaluator
 from jaxreid.input_pipeline import DecodedSet
 from jaxreid.metrics_writer import MetricsWriter
 from jaxreid.metrics_writer import Progress
@@ -70,7 +71,7 @@ def pretrain(
   use_target = target is not None and pc.target_bn
   # The loss weights of config.loss when the run is a pre-training run, else the defaults.
   loss = methods_lib.objective(method, config.loss if config.method == 'pretrain' else None)
-  step_fn = methods_lib.make_train_step(
+  step_fn = train_lib.make_train_step(
       method,
       model,
       tx,
@@ -92,6 +93,7 @@ def pretrain(
   chunk = train_lib.chunk_size(pc.iters, config.train.log_every)
   progress = Progress(f'pretrain seed {seed}', pc.epochs, pc.iters, start_epoch)
   embed_fn = features_lib.make_embed_fn(model, mesh)
+  source_evaluator = Evaluator.of_decoded(source)
   for epoch in range(start_epoch, pc.epochs):
     sampler_rng = np.random.default_rng([seed, epoch, 0])
     batch_idx = input_pipeline.pk_epoch_indices(
@@ -115,9 +117,9 @@ def pretrain(
         **metrics,
     }
     eval_now = pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == pc.epochs)
-    if eval_now and source.query is not None:
-      res = evaluation.evaluate_variables(
-          embed_fn, [state.variables('net1')], source, batch_size=config.data.eval_batch_size
+    if eval_now and source.dataset.has_test_split:
+      res = source_evaluator.run(
+          embed_fn, [state.variables('net1')], batch_size=config.data.eval_batch_size
       )
       record.update({f'source_{k}': v for k, v in res.items()})
     writer.write('pretrain', epoch + 1, record)
@@ -126,7 +128,7 @@ def pretrain(
         f'[pretrain seed {seed}] epoch {epoch + 1}/{pc.epochs} loss {metrics["loss/total"]:.3f} '
         f'lr {record["lr"]:.2e} {seconds:.1f}s eta {format_duration(eta)}'
         + (
-            f' | source {evaluation.results_line({k[7:]: v for k, v in record.items() if k.startswith("source_")})}'
+            f' | source {reporting.results_line({k[7:]: v for k, v in record.items() if k.startswith("source_")})}'
             if 'source_mAP' in record
             else ''
         )

@@ -15,6 +15,7 @@ import json
 import os
 import time
 
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -23,14 +24,15 @@ from jaxreid import adapt as adapt_lib
 from jaxreid import checkpoint as checkpoint_lib
 from jaxreid import config_checks
 from jaxreid import distributed
-from jaxreid import evaluation
 from jaxreid import features as features_lib
 from jaxreid import input_pipeline
 from jaxreid import methods as methods_lib
 from jaxreid import models
 from jaxreid import pretrain as pretrain_lib
+from jaxreid import reporting
 from jaxreid import train as train_lib
 from jaxreid import workdir as workdir_lib
+from jaxreid.evaluator import Evaluator
 from jaxreid.metrics_writer import MetricsWriter
 from jaxreid.metrics_writer import log
 
@@ -61,7 +63,7 @@ def train_and_evaluate(
           f'[done] {workdir} holds a finished run of this config (use a new --workdir to run it '
           'again); its results:'
       )
-      evaluation.print_summary(config, summary)
+      reporting.print_summary(config, summary)
       return summary
     return _train_and_evaluate(config, workdir)
 
@@ -90,7 +92,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if needs_source
       else None
   )
-  test = evaluation_set(config, target)
+  test = test_evaluator(config, target)
   decoded = time.time()
   writer = MetricsWriter(workdir)
   initial, fresh_extra_block = load_initial(config)
@@ -106,15 +108,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     )
     model = models.create_model(config.model, num_classes=source.dataset.num_train_pids)
     embed_fn = features_lib.make_embed_fn(model, mesh)
-    results = {
-        'source': evaluation.evaluate_variables(
-            embed_fn, [variables], source, batch_size=config.data.eval_batch_size
-        ),
-    }
+    batch = config.data.eval_batch_size
+    results = {'source': Evaluator.of_decoded(source).run(embed_fn, [variables], batch_size=batch)}
     if test is not None:
-      results['target'] = evaluation.evaluate_variables(
-          embed_fn, [variables], test, batch_size=config.data.eval_batch_size
-      )
+      results['target'] = test.run(embed_fn, [variables], batch_size=batch)
     writer.write(
         'pretrain_final', 0, {f'{k}/{m}': v for k, r in results.items() for m, v in r.items()}
     )
@@ -122,7 +119,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         'source domain (supervised)': results['source'],
         'target domain (source only)': results.get('target', {}),
     }
-    evaluation.print_summary(config, summary)
+    reporting.print_summary(config, summary)
     _write_results(workdir, summary)
     return results
   students = source_models(config, source, target, workdir, mesh, initial, fresh_extra_block)
@@ -135,10 +132,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   embed_fn = features_lib.make_embed_fn(model, mesh)
   source_only = {}
   if test is not None:
-    source_only = evaluation.evaluate_variables(
+    source_only = test.run(
         embed_fn,
         [students[0]],
-        test,
         batch_size=config.data.eval_batch_size,
         branches=config.model.arch == 'abmt',
     )
@@ -155,32 +151,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       },
   )
   if test is not None:
-    log(f'[source only] {test.dataset.name} {evaluation.results_line(source_only)}')
+    log(f'[source only] {test.name} {reporting.results_line(source_only)}')
   else:
     log(
         '[source only] not evaluated: the target has no labels (no query / gallery) and no '
         'config.data.val_root was given; the unsupervised signals are logged each epoch'
     )
   adapted = adapt_lib.adapt(
-      config, target, source, students[: method.num_students], workdir, mesh, writer, test=test
+      config, target, source, students[: method.num_students], workdir, mesh, writer, test
   )
   writer.close()
   summary = {'source only': source_only, f'{config.method} (adapted)': adapted}
-  evaluation.print_summary(config, summary)
-  evaluation.draw_plots(workdir)
+  reporting.print_summary(config, summary)
+  reporting.draw_plots(workdir)
   _write_results(workdir, summary)
   return summary
 
 
-def evaluation_set(config, target: input_pipeline.DecodedSet) -> input_pipeline.DecodedSet | None:
-  """What the run evaluates on: the target's own query / gallery, else the labelled validation
-  set `config.data.val_root` (its query/ and bounding_box_test/ in Market layout), else nothing."""
+def test_evaluator(config, target: input_pipeline.DecodedSet) -> Evaluator | None:
+  """What the run is scored on: the target's own query / gallery, else the labelled validation
+  set `config.data.val_root` (its query/ and bounding_box_test/ in Market layout), else nothing
+  (an unlabelled target). Re-ranked when `config.eval.rerank`."""
+  rerank = bool(config.eval.rerank)
   if target.dataset.has_test_split:
-    return target
+    return Evaluator.of_decoded(target, rerank=rerank)
   if not config.data.get('val_root'):
     return None
   h, w = config.data.height, config.data.width
-  return input_pipeline.load_and_decode('market1501_test', config.data.val_root, h, w)
+  val = input_pipeline.load_and_decode('market1501_test', config.data.val_root, h, w)
+  return Evaluator.of_decoded(val, rerank=rerank)
 
 
 def _write_results(workdir: str, summary: dict) -> None:
@@ -221,14 +220,12 @@ def warm_start_max_branch(
 
   The reference trains the max branch's random extra block during source pre-training; started
   from a downloaded model it would be untrained, and its random residual plus max pooling make
-  the joint feature useless (measured, msmt17 -> market1501: joint mAP 3.5 against the avg
-  branch's 24.8, then one cluster of 92% of the images). So the extra block starts as an identity
+  the joint feature useless (far below the avg branch alone, and DBSCAN then merges most images
+  into one cluster; docs/reference.md section 9). So the extra block starts as an identity
   (its last BN's scale and bias 0; it still learns) and the max branch's BatchNorm statistics (its copied
   last stage after max pooling, and its neck) are re-estimated on target images in train mode, no
   gradient; the shared trunk and the avg branch are untouched, so the avg branch is exactly the
   given model."""
-  from flax import traverse_util
-
   flat = traverse_util.flatten_dict(variables)
   last_bn = {'resnet': 'bn3', 'mobilenetv2': 'project'}.get(model.backbone, 'conv3')
   for path in flat:

@@ -6,8 +6,7 @@ resized as in training by default; unreadable files skipped and reported), then 
 for every query (`rank_gallery`: squared Euclidean distance between unit features, exact float64
 on the host). `ranking_text` prints the ranked lists and `export` writes features and rankings.
 When all file names follow the Market-1501 convention `<pid>_c<camera>...`, matches are known by
-identity (`SearchResult.is_match`). The command line is `jaxreid-search` (`jaxreid.tools.search`,
-also `python -m jaxreid.search`).
+identity (`SearchResult.is_match`). The command line is `jaxreid-search` (`jaxreid.tools.search`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -132,7 +130,7 @@ def ranking_text(result: SearchResult) -> str:
 
 
 def export(result: SearchResult, out_dir: str, model_path: str) -> list[str]:
-  """Features + paths / ids (as `jaxreid.evaluate`) and `ranking.json` with the top-k lists."""
+  """Features + paths / ids (as `jaxreid-evaluate`) and `ranking.json` with the top-k lists."""
 
   def split(images, feats, ids):
     return dict(
@@ -175,9 +173,3 @@ def export(result: SearchResult, out_dir: str, model_path: str) -> list[str]:
         indent=1,
     )
   return written + [path]
-
-
-if __name__ == '__main__':  # `python -m jaxreid.search`: the command line is jaxreid.tools.search
-  from jaxreid.tools import search as _tool
-
-  sys.exit(_tool.main())

@@ -158,7 +158,7 @@ def create_train_state(
 def init_opt_state(tx: optax.GradientTransformation, params, mesh: Mesh):
   """A fresh optimizer state placed like the rest of the train state (replicated on the mesh).
   Unplaced, its step counter differs in sharding from the one a training chunk returns, and the
-  epoch's second chunk compiles the step again (measured on an H200: 60-90 s per run)."""
+  epoch's second chunk compiles the step again."""
   return jax.jit(tx.init, out_shardings=NamedSharding(mesh, P()))(params)
 
 
@@ -188,11 +188,11 @@ def _flatten_outputs(prefix: str, out) -> dict:
 
 
 def make_train_step(
-    model,
     method: methods_lib.Method,
-    loss: Callable,
+    model,
     tx: optax.GradientTransformation,
     *,
+    loss: Callable | None = None,
     ema_decay: float = 0.999,
     erasing_prob: float = 0.5,
     target_bn_pass: bool = False,
@@ -201,10 +201,11 @@ def make_train_step(
 ) -> Callable:
   """Returns `step(state, data, batch_idx, target_idx) -> (state, metrics)` (pure, unjitted).
 
-  `loss(outputs, labels) -> (total, metrics)` is the method's objective with its weights bound
-  (`jaxreid.methods.objective`). `augment=False` feeds the normalised images unchanged (every view identical); for tests and
-  diagnostics only.
+  `loss(outputs, labels) -> (total, metrics)` is the objective with its weights bound; None: the
+  method's own with its default weights (`jaxreid.methods.objective`). `augment=False` feeds the
+  normalised images unchanged (every view identical), for tests and diagnostics.
   """
+  loss = loss or methods_lib.objective(method)
   names = method.networks
   batch_spec = NamedSharding(mesh, P('data')) if mesh is not None else None
 
@@ -303,9 +304,9 @@ def make_train_chunk(step_fn: Callable, mesh: Mesh, *, use_scan: bool | None = N
 
   Two equivalent drivers, both with the state buffer donated and no host synchronisation:
   `lax.scan` over the S steps in one program (best on GPU / TPU), or a Python loop dispatching
-  one jitted step per iteration (asynchronously). XLA:CPU runs a convolution network about 3x
-  slower inside a while loop than as a top-level program (measured: 500 vs 140 ms per step,
-  experiments/results_training.md), so `use_scan=None` picks the loop on CPU and scan elsewhere.
+  one jitted step per iteration (asynchronously). XLA:CPU runs a convolution network several
+  times slower inside a while loop than as a top-level program (docs/reference.md, "Where
+  jaxreid departs"), so `use_scan=None` picks the loop on CPU and scan elsewhere.
   """
   replicated = NamedSharding(mesh, P())
   if use_scan is None:
@@ -325,7 +326,6 @@ def make_train_chunk(step_fn: Callable, mesh: Mesh, *, use_scan: bool | None = N
       put = lambda idx: distributed.put(idx, idx_sharding)
       return jitted(state, data, put(batch_idx), put(target_idx))
 
-    call._cache_size = jitted._cache_size  # for tests: one compiled program per run
     return call
 
   if use_scan:
@@ -347,7 +347,6 @@ def make_train_chunk(step_fn: Callable, mesh: Mesh, *, use_scan: bool | None = N
       per_step.append(metrics)
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
 
-  loop._cache_size = step._cache_size
   return loop
 
 

@@ -1,8 +1,8 @@
-"""`jaxreid-evaluate` (`python -m jaxreid.evaluate`) on a tiny Market-layout folder written here.
+"""`jaxreid-evaluate` (`python -m jaxreid.tools.evaluate`) on a tiny Market-layout folder written here.
 
 The printed metrics are compared with an independent recomputation (the model built and loaded
 by hand, images decoded and embedded with the library's lower-level functions, then
-`retrieval.evaluate`); the exported features with that extraction. Error cases: a checkpoint of
+`retrieval.market_metrics`); the exported features with that extraction. Error cases: a checkpoint of
 another architecture, empty / missing folders and models.
 """
 
@@ -17,7 +17,6 @@ from PIL import Image
 import pytest
 
 from jaxreid import checkpoint
-from jaxreid import evaluate
 from jaxreid import features as features_lib
 from jaxreid import inference
 from jaxreid import input_pipeline
@@ -25,6 +24,7 @@ from jaxreid import models
 from jaxreid import numpy_init
 from jaxreid import retrieval
 from jaxreid.data import load_dataset
+from jaxreid.evaluator import Evaluator
 from jaxreid.tools import evaluate as evaluate_tool
 
 H, W = 32, 16
@@ -120,14 +120,14 @@ def test_printed_metrics_equal_an_independent_recomputation(world, tmp_path, cap
   assert len(ds.gallery) == 13  # 12 + the distractor; the junk image is not read
   qf = independent_features(world, ds.query.paths)
   gf = independent_features(world, ds.gallery.paths)
-  want = retrieval.evaluate(
+  want = retrieval.market_metrics(
       qf, gf, ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids
   )
   assert float(table['mAP']) == pytest.approx(want['mAP'], abs=0.006)
   assert float(table['rank-1']) == pytest.approx(want['top1'], abs=0.006)
   assert float(table['rank-5']) == pytest.approx(want['top5'], abs=0.006)
   # the protocol matters: counting same-camera matches too would give another mAP here
-  naive = retrieval.evaluate(
+  naive = retrieval.market_metrics(
       qf, gf, ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids + 10
   )
   assert naive['mAP'] != pytest.approx(want['mAP'], abs=0.01)
@@ -154,10 +154,11 @@ def test_rerank_and_test_splits_only(world, tmp_path, capsys):
   out = capsys.readouterr().out
   assert rc == 0
   assert 'test splits only' in out and '(re-ranked)' in out
-  query, gallery, _ = evaluate.load_test_splits('market1501', str(only_test))
+  ev = Evaluator.load('market1501', str(only_test))
+  query, gallery = ev.query, ev.gallery
   qf = independent_features(world, query.paths)
   gf = independent_features(world, gallery.paths)
-  want = retrieval.evaluate(
+  want = retrieval.market_metrics(
       qf, gf, query.pids, gallery.pids, query.camids, gallery.camids, rerank=True
   )
   assert float(parse_table(out)['mAP']) == pytest.approx(want['mAP'], abs=0.006)
@@ -249,7 +250,7 @@ def test_bad_inputs_fail_clearly(world, tmp_path, capsys):
       )
       == 2
   )
-  assert 'python -m jaxreid.convert' in capsys.readouterr().err
+  assert '`jaxreid-convert`' in capsys.readouterr().err
 
   garbage = tmp_path / 'garbage.msgpack'
   garbage.write_bytes(b'\x00\x01 not msgpack')

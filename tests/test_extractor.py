@@ -3,7 +3,7 @@
 Parity with torchreid's preprocessing + OSNet on real images and real published weights
 (../shared; skipped without them or without torch), written out here in numpy / torch. The rest
 runs on a tiny ResNet: inputs of every kind, batching, sizes, unreadable files, ranking against a
-NumPy reference, and `jaxreid.evaluate` skipping a corrupt image.
+NumPy reference, and `jaxreid-evaluate` skipping a corrupt image.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import pytest
 
 import jaxreid
 from jaxreid import checkpoint
-from jaxreid import evaluate
 from jaxreid import inference
 from jaxreid import input_pipeline
 from jaxreid import models
 from jaxreid import numpy_init
 from jaxreid import retrieval
+from jaxreid.evaluator import Evaluator
 from jaxreid.tools import evaluate as evaluate_tool
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
@@ -252,7 +252,7 @@ def test_rank_matches_a_full_sort():
 
 
 # ----------------------------------------------------------------------------------------------
-# jaxreid.evaluate skips unreadable images
+# jaxreid-evaluate skips unreadable images
 
 
 def _write_market(root, rng):
@@ -283,12 +283,10 @@ def test_evaluate_skips_a_corrupt_image_with_a_message(world, tmp_path, capsys):
   assert corrupt.name in lines[0]
   assert 'rank-1' in captured.out
 
-  query, gallery, _ = evaluate.load_test_splits('market1501', str(market))
-  results, qf, gf, q_kept, g_kept = evaluate.evaluate_model(
-      world['loaded'],
-      query,
-      gallery,
-  )
+  evaluator = Evaluator.load('market1501', str(market))
+  query, gallery = evaluator.query, evaluator.gallery
+  results, qf, gf, kept = evaluator.run_model(world['loaded'])
+  q_kept, g_kept = kept.query, kept.gallery
   assert len(q_kept) == 4 and len(g_kept) == len(gallery) - 1 == 13
   assert str(corrupt) not in set(g_kept.paths) and str(corrupt) in set(gallery.paths)
   assert gf.shape == (13, DIM)
@@ -297,12 +295,12 @@ def test_evaluate_skips_a_corrupt_image_with_a_message(world, tmp_path, capsys):
   loaded = world['loaded']
   want_gf = loaded.extract(input_pipeline.decode_images(good, H, W))
   np.testing.assert_allclose(gf, want_gf, atol=1e-5)
-  want = retrieval.evaluate(qf, gf, q_kept.pids, g_kept.pids, q_kept.camids, g_kept.camids)
+  want = retrieval.market_metrics(qf, gf, q_kept.pids, g_kept.pids, q_kept.camids, g_kept.camids)
   assert results['mAP'] == pytest.approx(want['mAP'])
 
   # nothing readable left among the queries: a clear error
   for p in query.paths:
     Path(p).write_bytes(b'not an image')
   with pytest.raises(inference.InferenceError, match='no readable query image'):
-    evaluate.evaluate_model(loaded, query, gallery)
+    evaluator.run_model(loaded)
   assert os.path.basename(query.paths[0]) in capsys.readouterr().err

@@ -13,6 +13,7 @@ from configs import abmt as abmt_config
 from configs import mmt as mmt_config
 from jaxreid import losses as L
 from jaxreid import methods as M
+from jaxreid import train as train_lib
 from jaxreid.config_checks import ConfigError
 
 B, D, C = 16, 8, 10
@@ -207,7 +208,7 @@ def test_the_config_swaps_the_loss_function_of_a_training_step():
 
   method = M.get('mmt')
   model, _, tx, state, _, data = F.setup('mmt')
-  step = M.make_train_step(method, model, tx, loss=lambda o, lab: zero_loss(o, lab, {}))
+  step = train_lib.make_train_step(method, model, tx, loss=lambda o, lab: zero_loss(o, lab, {}))
   new_state, metrics = jax.jit(step)(state, data, jnp.arange(8), jnp.arange(8))
   assert calls and 'teacher2/logits' in calls[0] and 'student1/features' in calls[0]
   assert float(metrics['loss/total']) == 0.0 and float(metrics['grad_norm']) == 0.0

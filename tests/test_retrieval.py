@@ -139,7 +139,7 @@ def test_evaluate_distances_matches_slow_loop_and_sklearn(seed, shift):
   if shift:
     dist[0, :3] = [-0.0, 0.0, -1e-30]
   ref = slow_evaluate(dist, q_pids, g_pids, q_cams, g_cams)
-  got = R.evaluate_distances(dist, q_pids, g_pids, q_cams, g_cams, block_size=16)
+  got = R.market_metrics_from_distances(dist, q_pids, g_pids, q_cams, g_cams, block_size=16)
   assert got['num_valid_queries'] == ref['num_valid_queries'] < q_pids.size
   for key in ('mAP', 'top1', 'top5', 'top10'):
     assert got[key] == pytest.approx(ref[key], abs=1e-9), key
@@ -154,7 +154,7 @@ def test_evaluate_features_matches_distances():
   d = R.squared_distance(qf, gf, block_size=16)
   d64 = ((qf.astype(np.float64)[:, None] - gf[None]) ** 2).sum(-1)
   np.testing.assert_allclose(d, d64, rtol=1e-5, atol=1e-4)
-  got = R.evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, block_size=16, topk=(1, 3))
+  got = R.market_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, block_size=16, topk=(1, 3))
   ref = slow_evaluate(d64, q_pids, g_pids, q_cams, g_cams, topk=(1, 3))
   assert set(got) == {'mAP', 'top1', 'top3', 'num_valid_queries', 'num_queries'}
   for key in ('mAP', 'top1', 'top3'):
@@ -165,7 +165,7 @@ def test_evaluate_features_matches_distances():
 
 def test_evaluate_no_valid_query_raises():
   with pytest.raises(ValueError):
-    R.evaluate_distances(np.zeros((1, 2), np.float32), [1], [1, 2], [0], [0, 0])
+    R.market_metrics_from_distances(np.zeros((1, 2), np.float32), [1], [1, 2], [0], [0, 0])
 
 
 # ------------------------------------------------------------------ k-reciprocal Jaccard
@@ -228,7 +228,7 @@ def test_evaluate_with_rerank():
   x, labels = clustered_features(rng, 260, n_clusters=25, noise=0.5)
   cams = rng.integers(0, 4, 260)
   q, g = slice(0, 60), slice(60, 260)
-  got = R.evaluate(x[q], x[g], labels[q], labels[g], cams[q], cams[g], rerank=True)
+  got = R.market_metrics(x[q], x[g], labels[q], labels[g], cams[q], cams[g], rerank=True)
   dist = dense_rerank(x[q], x[g])
   ref = slow_evaluate(dist, labels[q], labels[g], cams[q], cams[g])
   for key in ('mAP', 'top1', 'top5', 'top10'):

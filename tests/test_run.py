@@ -17,11 +17,10 @@ import pytest
 from configs import mmt as mmt_config
 from jaxreid import checkpoint as checkpoint_lib
 from jaxreid import config_checks
-from jaxreid import evaluation
-from jaxreid import input_pipeline
 from jaxreid import methods as methods_lib
 from jaxreid import run
 from jaxreid import train as train_lib
+from jaxreid.evaluator import Evaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,16 +156,16 @@ def test_select_best_on_test_exports_the_reported_network(world_cache, tmp_path)
 
 
 def _check_exported_model_with_the_commands(workdir, run_results):
-  """The trained model, loaded by `jaxreid.evaluate` / `jaxreid.search` from the work dir alone,
+  """The trained model, loaded by `jaxreid-evaluate` / `jaxreid-search` from the work dir alone,
   reproduces the run's own final evaluation and searches the target gallery end to end."""
-  from jaxreid import evaluate as evaluate_cli
   from jaxreid import inference
   from jaxreid import search as search_cli
 
   loaded = inference.load_model(workdir)
   config = json.load(open(os.path.join(workdir, 'config.json')))
-  query, gallery, _ = evaluate_cli.load_test_splits('synthetic_b', None, config)
-  results, *_ = evaluate_cli.evaluate_model(loaded, query, gallery, batch_size=64)
+  evaluator = Evaluator.load('synthetic_b', None, config)
+  query, gallery = evaluator.query, evaluator.gallery
+  results, *_ = evaluator.run_model(loaded, batch_size=64)
   for key in ('mAP', 'top1', 'top5'):
     assert results[key] == pytest.approx(run_results[key], abs=1e-4), key
   found = search_cli.search(
@@ -297,9 +296,11 @@ def test_two_branch_evaluation_reports_each_branch():
     out[:, 0, 0, 1] = gallery
     return out
 
-  dataset = types.SimpleNamespace(query=split(q_pids, 0), gallery=split(g_pids, 1))
-  target = input_pipeline.DecodedSet(
-      dataset=dataset, train=images(q_pids, 0), query=images(q_pids, 0), gallery=images(g_pids, 1)
+  evaluator = Evaluator(
+      'toy',
+      split(q_pids, 0),
+      split(g_pids, 1),
+      images=np.concatenate([images(q_pids, 0), images(g_pids, 1)]),
   )
 
   def embed_fn(variables_list, batch):
@@ -309,13 +310,13 @@ def test_two_branch_evaluation_reports_each_branch():
     f = np.concatenate([2 * eye[pid], eye[(pid + shift) % num_ids]], axis=1)
     return f / np.linalg.norm(f, axis=1, keepdims=True)
 
-  res = evaluation.evaluate_variables(embed_fn, [{}], target, batch_size=8, branches=True)
+  res = evaluator.run(embed_fn, [{}], batch_size=8, branches=True)
   assert res['avg/mAP'] == pytest.approx(100.0) and res['avg/top1'] == pytest.approx(100.0)
   assert res['max/top1'] == 0.0 and res['max/mAP'] < 100.0
   # The joint feature weighs the avg half more (squared distance 0.4 to a true match, 1.6 to
   # the previous identity's images), so it still retrieves perfectly.
   assert res['mAP'] == pytest.approx(100.0)
-  assert 'avg/mAP' not in evaluation.evaluate_variables(embed_fn, [{}], target, batch_size=8)
+  assert 'avg/mAP' not in evaluator.run(embed_fn, [{}], batch_size=8)
 
 
 def test_deterministic_flag_adds_the_xla_flags_keeping_the_users():

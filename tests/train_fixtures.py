@@ -73,7 +73,7 @@ def setup(
       class_mask=models.class_mask(NUM_IDS, MAX_CLASSES),
       target_images=jnp.asarray(images),
   )
-  step_fn = methods_lib.make_train_step(
+  step_fn = train_lib.make_train_step(
       spec,
       model,
       tx,

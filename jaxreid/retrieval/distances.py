@@ -7,7 +7,7 @@ float32 (`full_dot_t`, not TF32 on GPUs):
 
 * evaluation distances, query x gallery, in blocks of query rows (`squared_distance`,
   `iter_squared_distance_blocks`; section 5);
-* K-means assignments in `jaxreid.clustering` (`sqdist`, traced inside its jitted loops;
+* K-means assignments in `jaxreid.pseudo_labels.kmeans` (`sqdist`, traced inside its jitted loops;
   section 3);
 * the distance of each point to its nearest member of a set (`min_squared_distance`: ABMT's
   source term, section 4 step 7);
@@ -63,9 +63,9 @@ def pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
 
 def full_dot_t(a, b):
   """a @ b.T in full float32, for every distance here and in clustering. On NVIDIA GPUs JAX's
-  default precision runs float32 products on TF32 tensor cores (10-bit mantissa; measured on
-  the H100, experiments/gpu_h100/ceilings.log), which perturbs distances by ~1e-3 and can
-  reorder near-ties; the reference evaluates in float32 (no effect on CPU)."""
+  default precision runs float32 products on TF32 tensor cores (10-bit mantissa), which
+  perturbs distances by ~1e-3 and can reorder near-ties; the reference evaluates in float32 (no
+  effect on CPU)."""
   return jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -181,7 +181,7 @@ def raw_distance_pairs(x: np.ndarray, rows, cols, mode, square, chunk=4096) -> n
   """`raw_distance_from_dot` for arbitrary pairs (rows[i], cols[i]) via gathered dot products.
 
   On an accelerator the gather runs in JAX; on the CPU backend numpy's row gathers + einsum are
-  about 3x faster than XLA's gather, so the host does it (the features are on the host anyway).
+  faster than XLA's gather, so the host does it (the features are on the host anyway).
   """
   out = np.empty(rows.size, np.float32)
   if rows.size == 0:

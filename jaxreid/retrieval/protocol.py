@@ -22,7 +22,7 @@ from jaxreid.retrieval import reranking
 from jaxreid.retrieval.distances import f32
 from jaxreid.retrieval.distances import iter_squared_distance_blocks
 
-__all__ = ['evaluate', 'evaluate_distances', 'format_results']
+__all__ = ['market_metrics', 'market_metrics_from_distances', 'format_results']
 
 _INT32_MAX = np.iinfo(np.int32).max
 _NUM_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -155,7 +155,7 @@ class _MetricAccumulator:
     return res
 
 
-def evaluate_distances(
+def market_metrics_from_distances(
     dist,
     q_pids,
     g_pids,
@@ -196,7 +196,7 @@ def _protocol_metrics(blocks, nq, ng, q_pids, g_pids, q_camids, g_camids, topk) 
   return acc.result(nq)
 
 
-def evaluate(
+def market_metrics(
     query_features,
     gallery_features,
     q_pids,
@@ -224,7 +224,7 @@ def evaluate(
   nq, ng = qf.shape[0], gf.shape[0]
   if rerank:
     dist = reranking.rerank(qf, gf, k1=k1, k2=k2, lam=lam, square_distances=square_distances)
-    return evaluate_distances(
+    return market_metrics_from_distances(
         dist, q_pids, g_pids, q_camids, g_camids, topk=topk, block_size=block_size
     )
   return _protocol_metrics(
@@ -240,7 +240,7 @@ def evaluate(
 
 
 def format_results(results: dict, title: str | None = None) -> str:
-  """A small aligned text table of an `evaluate` result (percent values)."""
+  """A small aligned text table of a `market_metrics` result (percent values)."""
   metric_keys = ['mAP'] + sorted(
       (k for k in results if k.startswith('top') and k[3:].isdigit()), key=lambda k: int(k[3:])
   )

@@ -1,48 +1,14 @@
-"""Evaluating networks during a run, and its results as text and plots.
-
-`evaluate_variables` is the Market-1501 protocol (`jaxreid.retrieval`) on a decoded data set's
-query and gallery images; `results_line` / `print_summary` are what the log shows; `draw_plots`
-redraws the run's figures (`jaxreid.plots`).
+"""A run's results as people read them: the one-line results of an evaluation, the summary table
+at the end of a run, the table of `jaxreid-evaluate`, and the run's figures (`jaxreid.plots`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 from jaxreid import distributed
-from jaxreid import features as features_lib
-from jaxreid import retrieval
-from jaxreid.input_pipeline import DecodedSet
+from jaxreid import plots
 from jaxreid.metrics_writer import log
-
-
-def evaluate_variables(
-    embed_fn,
-    variable_sets: Sequence[dict],
-    target: DecodedSet,
-    *,
-    batch_size: int,
-    rerank: bool = False,
-    branches: bool = False,
-) -> dict:
-  """Market-protocol results of the eval features on `target`'s query / gallery.
-
-  `branches` (ABMTNet): also each branch alone, from the halves of the same features
-  (`features.branch_features`), as 'avg/mAP', 'avg/top1', 'max/mAP', 'max/top1'.
-  """
-  ds = target.dataset
-  feats = features_lib.extract_features(
-      embed_fn, variable_sets, target.test_images, batch_size, label='[evaluate] query + gallery'
-  )
-  nq = len(target.query)
-  ids = (ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids)
-  results = retrieval.evaluate(feats[:nq], feats[nq:], *ids, rerank=rerank)
-  if branches:
-    for name, half in zip(('avg', 'max'), features_lib.branch_features(feats)):
-      res = retrieval.evaluate(half[:nq], half[nq:], *ids, rerank=rerank)
-      results.update({f'{name}/mAP': res['mAP'], f'{name}/top1': res['top1']})
-  return results
 
 
 def results_line(results: dict) -> str:
@@ -57,8 +23,6 @@ def results_line(results: dict) -> str:
 
 def draw_plots(workdir: str, *, overview_only: bool = False) -> None:
   """Redraws `<workdir>/plots/` (`jaxreid.plots`); a plotting problem never stops a run."""
-  from jaxreid import plots
-
   if not distributed.is_primary():
     return
   try:
@@ -91,3 +55,21 @@ def print_summary(config, summary: dict) -> None:
           f'{name:32s} {r["mAP"]:6.1f} {r["top1"]:6.1f} {r["top5"]:6.1f} ' f'{r["top10"]:6.1f}'
       )
   log('\n'.join(lines))
+
+
+def results_table(results: dict) -> str:
+  """mAP, rank-1/5/10 (percent, 2 decimals) and the number of queries, as an aligned table."""
+  cols = [('mAP', f'{results["mAP"]:.2f}')]
+  cols += [
+      (f'rank-{k[3:]}', f'{results[k]:.2f}') for k in ('top1', 'top5', 'top10') if k in results
+  ]
+  cols.append(('queries', f'{results["num_valid_queries"]}/{results["num_queries"]}'))
+  widths = [max(len(a), len(b)) for a, b in cols]
+  head = ' | '.join(a.rjust(w) for (a, _), w in zip(cols, widths))
+  rule = '-+-'.join('-' * w for w in widths)
+  row = ' | '.join(b.rjust(w) for (_, b), w in zip(cols, widths))
+  note = (
+      '(percent; queries = with a true match in another camera / all; '
+      'the others are skipped, as in the standard protocol)'
+  )
+  return '\n'.join([head, rule, row, note])
