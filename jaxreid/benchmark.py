@@ -1,83 +1,47 @@
-"""Benchmark: measured speed of every method, for comparing accelerators.
+"""Measured speed of every method, for comparing accelerators (`jaxreid-benchmark`, whose flags
+are `Settings`' fields).
 
-  python -m jaxreid.benchmark --methods=pretrain,mmt --dtypes=float32,bfloat16 --steps=5
-  (or jaxreid-benchmark ...)
-
-For each method (pre-training, mean-teacher baseline, MMT, ABMT) and compute dtype it measures,
-on whatever devices are present:
+For each method (pre-training, mean-teacher baseline, MMT, ABMT) and compute dtype, on whatever
+devices are present (`measure_method`, `measure_clustering`, both through `run`):
   - compile time of the training step (reported separately) and warm step time / images per
-    second (the step driver the trainer uses, state donated, timed over `--steps` steps);
+    second (the step driver the trainer uses, state donated, timed over `steps` steps);
   - eval feature extraction images per second;
   - clustering time at the data set's size (K-means for MMT and the baselines, Jaccard + DBSCAN
     for ABMT) on random unit features with identity structure;
   - peak device memory (GPU / TPU memory stats; process max RSS on CPU);
-  - model FLOPs utilisation against the device's peak where known.
-It prints one table, writes JSON (`--out`), and projects the end-to-end time of the papers'
-schedule (40 epochs x 400 iterations, clustering and evaluation every epoch) from the parts.
-
-Defaults are CPU-sized (ResNet-18 width 16, 64x32, batch 32); the papers' setting is
-`--depth=50 --width=64 --height=256 --img_width=128 --batch=64`.
+  - model FLOPs utilisation against the device's peak where known;
+  - the projected end-to-end time of the papers' schedule (`epochs` x `iters` steps, clustering
+    and evaluation every epoch) from the parts.
+`format_row` / `format_table` print the rows and `record` is the JSON the tool writes.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import resource
 import time
-from typing import NoReturn
+from typing import Callable
+from typing import Sequence
 
-from absl import app
-from absl import flags
+import jax
+import numpy as np
 
-from jaxreid import host_memory  # defines --keep_host_memory
-from jaxreid.tools import common
+from jaxreid import convert
+from jaxreid import features as features_lib
+from jaxreid import flops
+from jaxreid import methods as methods_lib
+from jaxreid import models
+from jaxreid import numpy_init
+from jaxreid import pseudo_labels
+from jaxreid import retrieval
+from jaxreid import train as train_lib
 
-flags.DEFINE_list('methods', ['pretrain', 'mean_teacher', 'mmt', 'abmt'], 'Methods to measure.')
-flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to measure.')
-flags.DEFINE_string('backbone', 'resnet', "'resnet', 'osnet_x1_0' .. 'osnet_x0_25', 'mobilenetv2'.")
-flags.DEFINE_integer('depth', 18, 'ResNet depth.')
-flags.DEFINE_integer('width', 16, 'ResNet base width (64 = standard).')
-flags.DEFINE_integer('height', 64, 'Input height.')
-flags.DEFINE_integer('img_width', 32, 'Input width.')
-flags.DEFINE_integer('batch', 32, 'Global batch size.')
-flags.DEFINE_integer('steps', 10, 'Timed steps per measurement (after one warm-up call).')
-flags.DEFINE_integer('num_classes', 512, 'Classifier width.')
-flags.DEFINE_integer(
-    'train_images',
-    1024,
-    'Target training-set size for clustering and ' 'feature extraction (Market-1501: 12936).',
-)
-flags.DEFINE_integer(
-    'test_images', 512, 'Query + gallery size for the projected evaluation ' '(Market-1501: 19281).'
-)
-flags.DEFINE_integer('num_clusters', 64, 'K-means clusters (MMT-500 on Market).')
-flags.DEFINE_integer('epochs', 40, 'Projected schedule: epochs.')
-flags.DEFINE_integer('iters', 400, 'Projected schedule: iterations per epoch.')
-flags.DEFINE_string('out', '', 'Write the results to this JSON file (folders created).')
-common.define_alias(flags.FLAGS, 'json', 'out')
-flags.DEFINE_integer(
-    'cluster_dim',
-    0,
-    'Feature dimension for the clustering measurement ' "(0 = the model's; 2048 = ResNet-50).",
-)
-flags.DEFINE_bool('scan', None, 'Use lax.scan for the step loop (default: not on CPU).')
-flags.DEFINE_string(
-    'profile_dir',
-    '',
-    'Also trace one more timed chunk per method and dtype with jax.profiler into '
-    'DIR/<method>_<dtype> (a Perfetto JSON; `python experiments/summarise_trace.py DIR/...` '
-    'gives the time per kernel and kind of kernel).',
-)
-common.define_verbose(flags.FLAGS)
-FLAGS = flags.FLAGS
 DTYPES = ('float32', 'bfloat16')  # those with a peak in PEAK_TFLOPS
 
 # Dense peak TFLOP/s by device kind (vendor figures); used for MFU where known. On NVIDIA GPUs
 # from Ampere on, XLA runs float32 convolutions and matrix products at JAX's default precision on
-# TF32 tensor cores (measured on the H100: an 8192^3 float32 product ran at 353 TFLOP/s by
-# default, 50 TFLOP/s at precision='highest'; experiments/gpu_h100/ceilings.log), so float32 MFU
-# is taken against the TF32 peak there.
+# TF32 tensor cores, so float32 MFU is taken against the TF32 peak there.
 PEAK_TFLOPS = {
     'H100': {'float32': 494.7, 'bfloat16': 989.4},
     'H200': {'float32': 494.7, 'bfloat16': 989.4},
@@ -85,6 +49,45 @@ PEAK_TFLOPS = {
     'TPU v4': {'float32': 275.0, 'bfloat16': 275.0},
     'TPU v5': {'float32': 197.0, 'bfloat16': 197.0},
 }
+
+# The settings recorded in the JSON output (under 'flags': the tool's flags of the same names).
+RECORDED = (
+    'backbone',
+    'depth',
+    'width',
+    'height',
+    'img_width',
+    'batch',
+    'steps',
+    'train_images',
+    'test_images',
+    'num_clusters',
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What to measure and at what size. The defaults are CPU-sized; the papers' setting is
+  `depth=50, width=64, height=256, img_width=128, batch=64`."""
+
+  methods: Sequence[str] = ('pretrain', 'mean_teacher', 'mmt', 'abmt')
+  dtypes: Sequence[str] = DTYPES
+  backbone: str = 'resnet'  # 'resnet', 'osnet_x1_0' .. 'osnet_x0_25', 'mobilenetv2'
+  depth: int = 18  # ResNet depth
+  width: int = 16  # ResNet base width (64 = standard)
+  height: int = 64  # input height
+  img_width: int = 32  # input width
+  batch: int = 32  # global batch size
+  steps: int = 10  # timed steps per measurement (after one warm-up call)
+  num_classes: int = 512  # classifier width
+  train_images: int = 1024  # training-set size for clustering and feature extraction
+  test_images: int = 512  # query + gallery size for the projected evaluation
+  num_clusters: int = 64  # K-means clusters
+  epochs: int = 40  # projected schedule: epochs
+  iters: int = 400  # projected schedule: iterations per epoch
+  cluster_dim: int = 0  # feature dimension for clustering (0 = the model's)
+  scan: bool | None = None  # lax.scan for the step loop (None: not on CPU)
+  profile_dir: str = ''  # also trace one more chunk per method and dtype into DIR/<method>_<dtype>
 
 
 def peak_tflops(device_kind: str, dtype: str):
@@ -95,8 +98,6 @@ def peak_tflops(device_kind: str, dtype: str):
 
 
 def peak_memory_bytes() -> tuple[int, str]:
-  import jax
-
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak'
@@ -105,64 +106,51 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 def structured_features(n: int, dim: int, ids: int, seed: int = 0):
   """Unit features around `ids` random centres (noisy clusters), like a re-ID feature set."""
-  import numpy as np
-
   rng = np.random.default_rng(seed)
   centres = rng.normal(size=(ids, dim)).astype(np.float32)
   x = centres[rng.integers(0, ids, n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def create_model(arch: str = 'resnet', dtype: str = 'float32'):
-  """The network the flags describe, with the method's architecture."""
-  from jaxreid import models
-
+def create_model(settings: Settings, arch: str = 'resnet', dtype: str = 'float32'):
+  """The network the settings describe, with the method's architecture."""
   return models.create_model(
       dict(
           arch=arch,
-          backbone=FLAGS.backbone,
-          depth=FLAGS.depth,
-          width=FLAGS.width,
-          num_classes=FLAGS.num_classes,
+          backbone=settings.backbone,
+          depth=settings.depth,
+          width=settings.width,
+          num_classes=settings.num_classes,
           dtype=dtype,
       )
   )
 
 
-def measure_method(method: str, dtype: str) -> dict:
-  import jax
-  import numpy as np
-
-  from jaxreid import features as features_lib
-  from jaxreid import flops
-  from jaxreid import methods as methods_lib
-  from jaxreid import models
-  from jaxreid import numpy_init
-  from jaxreid import train as train_lib
-
+def measure_method(settings: Settings, method: str, dtype: str) -> dict:
+  s = settings
   spec = methods_lib.get(method)
-  model = create_model(spec.arch or 'resnet', dtype)
+  model = create_model(s, spec.arch or 'resnet', dtype)
   mesh = train_lib.make_mesh()
   tx = train_lib.make_optimizer(3.5e-4)
-  students = [numpy_init.init_variables(model, s) for s in range(spec.num_students)]
+  students = [numpy_init.init_variables(model, seed) for seed in range(spec.num_students)]
   state = train_lib.replicate(
       train_lib.create_train_state(spec, students, tx, jax.random.PRNGKey(0)), mesh
   )
-  h, w, b = FLAGS.height, FLAGS.img_width, FLAGS.batch
+  h, w, b = s.height, s.img_width, s.batch
   n = max(4 * b, 256)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-  labels = (np.arange(n) // 4 % FLAGS.num_classes).astype(np.int32)
+  labels = (np.arange(n) // 4 % s.num_classes).astype(np.int32)
   data = train_lib.replicate(
       train_lib.EpochData(
           images=images,
           labels=labels,
-          class_mask=models.class_mask(n // 4, FLAGS.num_classes),
+          class_mask=models.class_mask(n // 4, s.num_classes),
           target_images=images,
       ),
       mesh,
   )
-  step_fn = methods_lib.make_train_step(
+  step_fn = train_lib.make_train_step(
       spec,
       model,
       tx,
@@ -170,8 +158,8 @@ def measure_method(method: str, dtype: str) -> dict:
       erasing_prob=0.0 if method == 'pretrain' else 0.5,
       mesh=mesh,
   )
-  chunk = train_lib.make_train_chunk(step_fn, mesh, use_scan=FLAGS.scan)
-  idx = np.stack([rng.permutation(n)[:b] for _ in range(FLAGS.steps)]).astype(np.int32)
+  chunk = train_lib.make_train_chunk(step_fn, mesh, use_scan=s.scan)
+  idx = np.stack([rng.permutation(n)[:b] for _ in range(s.steps)]).astype(np.int32)
   # The first call compiles (one program for the whole chunk) and runs it; the second is timed.
   # Compile time = first call minus one warm call (so scan and loop drivers compare fairly).
   t0 = time.perf_counter()
@@ -182,18 +170,18 @@ def measure_method(method: str, dtype: str) -> dict:
   state, m = chunk(state, data, idx, idx)
   jax.block_until_ready(m)
   warm_s = time.perf_counter() - t0
-  step_s = warm_s / FLAGS.steps
+  step_s = warm_s / s.steps
   compile_s = max(first_s - warm_s, 0.0)
-  if FLAGS.profile_dir:
-    trace_dir = os.path.join(FLAGS.profile_dir, f'{method}_{dtype}')
+  if s.profile_dir:
+    trace_dir = os.path.join(s.profile_dir, f'{method}_{dtype}')
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       state, m = chunk(state, data, idx, idx)
       jax.block_until_ready(m)
-    print(f'trace of {FLAGS.steps} steps: {trace_dir}', flush=True)
+    print(f'trace of {s.steps} steps: {trace_dir}', flush=True)
 
   # Eval feature extraction (teachers' / student's eval forward), fixed batch shape.
   embed = features_lib.make_embed_fn(model, mesh)
-  eval_images = rng.integers(0, 256, (max(FLAGS.batch * 8, 512), h, w, 3), dtype=np.uint8)
+  eval_images = rng.integers(0, 256, (max(s.batch * 8, 512), h, w, 3), dtype=np.uint8)
   variables = [state.variables('net1')]
   features_lib.extract_features(embed, variables, eval_images[:256], 256)  # compile
   t0 = time.perf_counter()
@@ -224,21 +212,18 @@ def measure_method(method: str, dtype: str) -> dict:
   )
 
 
-def measure_clustering(method: str, dim: int) -> tuple[float, float]:
+def measure_clustering(settings: Settings, method: str, dim: int) -> tuple[float, float]:
   """(first, warm) seconds of features -> labels; the first call includes compilation, which a
   run pays once (epoch 1), so the projection uses the warm time."""
-  from jaxreid import clustering
-  from jaxreid import retrieval
-
-  feats = structured_features(FLAGS.train_images, dim, max(FLAGS.train_images // 15, 2))
+  feats = structured_features(settings.train_images, dim, max(settings.train_images // 15, 2))
 
   def once():
     if method == 'abmt':
       graph = retrieval.jaccard_distance(feats, k1=20, k2=6)
-      eps = clustering.estimate_eps(graph, 2e-3)
-      clustering.dbscan(graph, eps, min_samples=4)
+      eps = pseudo_labels.estimate_eps(graph, 2e-3)
+      pseudo_labels.dbscan(graph, eps, min_samples=4)
     elif method != 'pretrain':
-      clustering.kmeans(feats, FLAGS.num_clusters, seed=0)
+      pseudo_labels.kmeans(feats, settings.num_clusters, seed=0)
 
   times = []
   for _ in range(2):
@@ -248,97 +233,53 @@ def measure_clustering(method: str, dim: int) -> tuple[float, float]:
   return times[0], times[1]
 
 
-def check_flags() -> None:
-  """Raises app.UsageError (one line, exit status 2) for a value the measurements cannot use."""
-  from jaxreid import methods as methods_lib
-  from jaxreid import models
-
-  for flag, values, valid in (
-      ('backbone', [FLAGS.backbone], models.BACKBONES),
-      ('methods', FLAGS.methods, tuple(methods_lib.METHODS)),
-      ('dtypes', FLAGS.dtypes, DTYPES),
-  ):
-    bad = [v for v in values if v not in valid]
-    if bad or not values:
-      raise app.UsageError(
-          f'--{flag}={",".join(bad or values)}: expected {"one" if flag == "backbone" else "some"}'
-          f' of {", ".join(valid)} (see --help)'
-      )
-  if FLAGS.backbone == 'resnet' and FLAGS.depth not in models.RESNET_SPECS:
-    raise app.UsageError(f'--depth={FLAGS.depth}: expected one of {sorted(models.RESNET_SPECS)}')
+def _print(line: str) -> None:
+  print(line, flush=True)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])} (see --help)')
-  host_memory.apply(FLAGS.keep_host_memory)  # as the trainer does, before JAX starts
-  import jax
-
-  from jaxreid import convert
-
-  check_flags()
-
+def run(settings: Settings, report: Callable[[str], None] = _print) -> list[dict]:
+  """Measures every method and dtype of `settings`; returns one row each, with the projected time
+  of the whole schedule. `report` gets the devices line and each row as it is measured."""
+  s = settings
   device = jax.devices()[0]
-  print(
+  report(
       f'devices: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}); '
-      f'{convert.describe_model(create_model())}, {FLAGS.height}x{FLAGS.img_width}, '
-      f'batch {FLAGS.batch}',
-      flush=True,
+      f'{convert.describe_model(create_model(s))}, {s.height}x{s.img_width}, batch {s.batch}'
   )
   rows = []
-  for method in FLAGS.methods:
+  for method in s.methods:
     cluster_s = None
-    for dtype in FLAGS.dtypes:
-      r = measure_method(method, dtype)
+    for dtype in s.dtypes:
+      r = measure_method(s, method, dtype)
       if cluster_s is None:
         cluster_first_s, cluster_s = measure_clustering(
-            method, FLAGS.cluster_dim or r['feature_dim']
+            s, method, s.cluster_dim or r['feature_dim']
         )
       r['cluster_s'], r['cluster_first_s'] = cluster_s, cluster_first_s
       # Projection for the papers' schedule from measured parts.
       n_teachers = 2 if method == 'mmt' else 1
-      extract_s = (FLAGS.train_images * n_teachers + FLAGS.test_images * n_teachers) / r[
-          'extract_img_s'
-      ]
+      extract_s = (s.train_images * n_teachers + s.test_images * n_teachers) / r['extract_img_s']
       if method == 'pretrain':
         r['projected_min'] = 80 * 100 * r['step_ms'] / 1e3 / 60
       else:
         r['projected_min'] = (
-            FLAGS.epochs * FLAGS.iters * r['step_ms'] / 1e3 + FLAGS.epochs * (cluster_s + extract_s)
+            s.epochs * s.iters * r['step_ms'] / 1e3 + s.epochs * (cluster_s + extract_s)
         ) / 60
       rows.append(r)
-      print(format_row(r), flush=True)
-  print()
-  print(format_table(rows))
-  if FLAGS.out:
-    with open(common.output_path(FLAGS.out), 'w') as f:
-      json.dump(
-          {
-              'device': device.device_kind,
-              'backend': jax.default_backend(),
-              'num_devices': jax.device_count(),
-              'jax': jax.__version__,
-              'flags': {
-                  k: FLAGS[k].value
-                  for k in (
-                      'backbone',
-                      'depth',
-                      'width',
-                      'height',
-                      'img_width',
-                      'batch',
-                      'steps',
-                      'train_images',
-                      'test_images',
-                      'num_clusters',
-                  )
-              },
-              'rows': rows,
-          },
-          f,
-          indent=2,
-      )
-    print(f'wrote {FLAGS.out}')
+      report(format_row(r))
+  return rows
+
+
+def record(settings: Settings, rows: list[dict]) -> dict:
+  """The JSON record of a run: the devices, the settings that set the sizes, the rows."""
+  return {
+      'device': jax.devices()[0].device_kind,
+      'backend': jax.default_backend(),
+      'num_devices': jax.device_count(),
+      'jax': jax.__version__,
+      'flags': {k: getattr(settings, k) for k in RECORDED},
+      'rows': rows,
+  }
 
 
 def format_row(r: dict) -> str:
@@ -367,13 +308,3 @@ def format_table(rows) -> str:
         f"{r['projected_min']:.1f} |"
     )
   return '\n'.join(lines)
-
-
-def run() -> NoReturn:
-  """`python -m jaxreid.benchmark` and `jaxreid-benchmark`: parses the process's arguments,
-  measures. Exits."""
-  common.run_app(main, doc=__doc__, modules=(__name__, host_memory.__name__, common.__name__))
-
-
-if __name__ == '__main__':
-  run()

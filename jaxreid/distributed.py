@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 from typing import Callable
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 _PROCESS_INDEX = 0
@@ -29,8 +31,6 @@ _PROCESS_COUNT = 1
 def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
   """Joins the run (before any device is used). CPU processes talk through gloo collectives."""
   global _PROCESS_INDEX, _PROCESS_COUNT
-  import jax
-
   # Only the CPU backend reads this; without it CPU processes cannot run collectives.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(
@@ -59,8 +59,6 @@ def broadcast(tree: Any) -> Any:
   shapes everywhere)."""
   if _PROCESS_COUNT == 1:
     return tree
-  from jax.experimental import multihost_utils
-
   return multihost_utils.broadcast_one_to_all(tree)
 
 
@@ -69,8 +67,6 @@ def gather_rows(compute: Callable[[int, int], np.ndarray], n: int) -> np.ndarray
   share; the shares are gathered so that every process returns all n rows."""
   if _PROCESS_COUNT == 1:
     return compute(0, n)
-  from jax.experimental import multihost_utils
-
   share = -(-n // _PROCESS_COUNT)
   start = min(n, _PROCESS_INDEX * share)
   stop = min(n, start + share)
@@ -86,14 +82,10 @@ def put(x, sharding):
   function refuses host arrays for a sharded argument across processes). One process: `x`."""
   if _PROCESS_COUNT == 1:
     return x
-  import jax
-
   return jax.device_put(x, sharding)
 
 
 def sync(name: str) -> None:
   """Waits until every process reaches this point."""
   if _PROCESS_COUNT > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(name)

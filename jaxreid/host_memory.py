@@ -1,23 +1,18 @@
 """Keep freed host memory in the process on the CPU backend, so a train step stops paying the
 kernel for fresh pages.
 
-Why (measured, experiments/results_benchmark.md): XLA:CPU allocates a program's temporaries on
-every execution with the C allocator and frees them afterwards. glibc serves allocations of more
-than 32 MiB (and everything from its per-thread arenas, whose heaps it shrinks) with fresh
-`mmap`ed pages and hands them back on `free`, so every step touched ~925 MiB of new pages on
-OSNet x0.25 at 256x128 batch 16 (236,000 page faults per step, 27% of the profiled step spent
-in the kernel zeroing pages). Serving every allocation from the one main heap (`M_ARENA_MAX` 1,
+XLA:CPU allocates a program's temporaries on every execution with the C allocator and frees them
+afterwards. glibc serves large allocations (and everything from its per-thread arenas, whose heaps
+it shrinks) with fresh `mmap`ed pages and hands them back on `free`, so every step faults in and
+zeroes its buffers anew. Serving every allocation from the one main heap (`M_ARENA_MAX` 1,
 `M_MMAP_MAX` 0) and never trimming it (`M_TRIM_THRESHOLD`) lets the next step reuse the same
-pages: 0-2 page faults per step. Each of them alone, and the pairs tried (arena + trim, mmap +
-trim), left the faults.
+pages; each setting alone, and the pairs of them, leave the faults.
 
-The cost, measured on the two-network steps (MMT at 256x128 batch 16, `python -m
-jaxreid.benchmark --keep_host_memory=on|off` alternated): the one heap fragments and is never
-given back, so peak memory doubles (MobileNetV2 6.1 -> 13.3 GB, OSNet x0.25 4.6 -> 7.8 GB),
-compilation takes 1.2-2x as long, and the step was no faster (MobileNetV2 6.4 -> 6.7 s and
-5.8 -> 9.8 s; OSNet 2.5 -> 3.4 s and 2.66 -> 2.63 s). So it is off by default, and an option
-(`--keep_host_memory=on`) for one-network steps and feature passes, where it measured 12-21%
-faster. The settings are glibc's `mallopt`; other C libraries (musl, macOS) are left alone.
+The cost: the one heap fragments and is never given back, so peak memory grows and compilation
+is slower; one-network steps and feature passes gain, two-network steps (MMT) do not
+(docs/performance.md). So it is off by default and an option (`--keep_host_memory`, defined by
+the command lines in `jaxreid.tools.common`). The settings are glibc's `mallopt`; other C
+libraries (musl, macOS) are left alone.
 """
 
 from __future__ import annotations
@@ -27,8 +22,6 @@ import ctypes.util
 import importlib.util
 import os
 
-from absl import flags
-
 # glibc malloc.h parameter numbers
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -37,15 +30,6 @@ _M_ARENA_MAX = -8
 
 _applied = False
 MODES = ('auto', 'on', 'off')
-flags.DEFINE_enum(
-    'keep_host_memory',
-    'off',
-    list(MODES),
-    'Let the C allocator reuse freed memory instead of returning it (jaxreid.host_memory): a '
-    'one-network CPU step stops faulting in ~1 GB of fresh pages per step (12-21% faster), but '
-    'two-network steps (MMT) measured slower, with twice the peak memory. auto: on for CPU-only '
-    'runs.',
-)
 # JAX's accelerator plugins (PJRT plugins live in the jax_plugins namespace); where one is
 # installed, the train step's buffers live on the device.
 _ACCELERATOR_MODULES = ('jax_plugins', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu')

@@ -21,9 +21,14 @@ from typing import NoReturn
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
-from jaxreid import host_memory  # defines --keep_host_memory
+import configs
+from jaxreid import distributed
+from jaxreid import host_memory
+from jaxreid import reporting
+from jaxreid import run as run_lib
 from jaxreid.tools import common
 
 config_flags.DEFINE_config_file(
@@ -65,13 +70,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer('num_processes', 1, 'Number of processes of a multi-process run.')
 flags.DEFINE_integer('process_id', 0, 'This process: 0 .. num_processes - 1 (0 writes the files).')
+common.define_keep_host_memory(flags.FLAGS)
 common.define_verbose(flags.FLAGS)
 FLAGS = flags.FLAGS
 
-# Measured on one H100 (jax 0.11, synthetic pre-training, same seed, experiments/
-# results_training.md): two runs differ in their weights (and their target mAP by several points)
-# unless both flags are set; with both the exported models are byte-identical. The deterministic-ops
-# flag alone is not enough: autotuning picks convolution algorithms by timing, which varies.
+# Both are needed for repeatable weights on GPUs: besides non-deterministic ops, autotuning picks
+# convolution algorithms by timing them, which varies from run to run.
 DETERMINISTIC_XLA_FLAGS = ('--xla_gpu_deterministic_ops=true', '--xla_gpu_autotune_level=0')
 
 
@@ -91,28 +95,21 @@ def main(argv):
   if FLAGS.deterministic:  # read when the backend starts, i.e. before any device use below
     os.environ['XLA_FLAGS'] = deterministic_xla_flags(os.environ.get('XLA_FLAGS', ''))
   host_memory.apply(FLAGS.keep_host_memory)  # before JAX's CPU client starts its threads
-  import jax
-
   if FLAGS.num_processes > 1:
-    from jaxreid import distributed
-
     if not FLAGS.coordinator_address:
       raise app.UsageError('--num_processes > 1 needs --coordinator_address=HOST:PORT')
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  from jaxreid import evaluation  # imported after flags so --help stays fast
-  from jaxreid import run
-
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join(
       'workdirs',
-      f'{config.method}_{evaluation.domain_name(config, "source")}_to_'
-      f'{evaluation.domain_name(config, "target")}',
+      f'{config.method}_{reporting.domain_name(config, "source")}_to_'
+      f'{reporting.domain_name(config, "target")}',
   )
   # Bad input (config, data, work dir, weights, ...) is one line: common.run_app.
-  run.train_and_evaluate(config, workdir, allow_safe_changes=FLAGS.allow_safe_changes)
+  run_lib.train_and_evaluate(config, workdir, allow_safe_changes=FLAGS.allow_safe_changes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,14 +121,12 @@ _OVERRIDE_ARG = re.compile(r'--?(no)?config\.([^=]+)')
 
 def repository_root() -> str:
   """The folder holding configs/ (the `configs` package, installed with jaxreid)."""
-  import configs
-
   return os.path.dirname(os.path.dirname(os.path.abspath(configs.__file__)))
 
 
 def resolve_config_path(path: str) -> str:
   """`path` as given if it exists, else (relative) from the repository root; raises
-  common.UsageError naming both places looked."""
+  common.UsageError naming both places looked and the experiments there."""
   if os.path.exists(path) or os.path.isabs(path):
     if not os.path.isfile(path):
       raise common.UsageError(f'config file {path} not found')
@@ -139,8 +134,12 @@ def resolve_config_path(path: str) -> str:
   in_repo = os.path.join(repository_root(), path)
   if os.path.isfile(in_repo):
     return in_repo
+  configs_dir = os.path.join(repository_root(), 'configs')
+  known = sorted(f for f in os.listdir(configs_dir) if f.endswith('.py') and f[0] != '_')
+  known.remove('base.py')
   raise common.UsageError(
-      f'config file {path} not found: looked for {os.path.abspath(path)} and {in_repo}'
+      f'config file {path} not found: looked for {os.path.abspath(path)} and {in_repo}; the '
+      f'experiments in configs/: {", ".join(known)}'
   )
 
 
@@ -206,7 +205,7 @@ def run() -> NoReturn:
   common.run_app(
       main,
       doc=__doc__,
-      modules=(__name__, host_memory.__name__, common.__name__),
+      modules=(__name__, common.__name__),
       required=('config',),
       prepare=check_config_args,
   )

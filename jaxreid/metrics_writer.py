@@ -43,12 +43,9 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if tensorboard:
-      try:
-        from tensorboardX import SummaryWriter
+      import tensorboardX  # here: it imports PyTorch if installed; only event writers pay that
 
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError:  # pragma: no cover - tensorboardX is a declared dependency
-        self._tb = None
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, stage: str, step: int, record: Mapping[str, Any]) -> None:
     if not self._enabled:
@@ -67,14 +64,6 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def format_duration(seconds: float) -> str:

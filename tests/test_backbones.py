@@ -18,12 +18,12 @@ import pytest
 
 from jaxreid import checkpoint
 from jaxreid import convert
-from jaxreid import evaluation
 from jaxreid import export
 from jaxreid import input_pipeline
 from jaxreid import layers
 from jaxreid import models
 from jaxreid import numpy_init
+from jaxreid.evaluator import Evaluator
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 WEIGHTS = SHARED / 'weights'
@@ -156,7 +156,7 @@ def test_osnet_from_the_real_msmt17_checkpoint_matches_pytorch_on_real_images(ar
   ref = _torch_features(net.eval(), images)
   model = models.create_model(arch=arch, backbone='osnet_x0_25', num_classes=1041)
   report = {}
-  variables = convert.convert_checkpoint(str(path), model, report=report)
+  variables = checkpoint.load_weights(path, model, report=report)
   assert report['format'] == 'torchreid'
   feats = _jax_features(model, variables, images)
   if arch == 'abmt':  # the avg branch is the checkpoint's network; the max branch copies its
@@ -188,7 +188,7 @@ def test_mobilenetv2_imagenet_features_match_pytorch_on_real_images():
   ref = _torch_features(lambda x: tr.features_forward(net.eval(), x), images)
   model = models.create_model(backbone='mobilenetv2', last_stride=2, num_classes=8)
   report = {}
-  variables = convert.convert_checkpoint(str(path), model, report=report)
+  variables = checkpoint.load_weights(path, model, report=report)
   assert report['format'] == 'mobilenetv2_flat'
   # a fresh neck (mean 0, var 1) only scales by 1 / sqrt(1 + eps): no effect after normalising
   np.testing.assert_allclose(_jax_features(model, variables, images), ref, atol=1e-4)
@@ -243,7 +243,7 @@ def test_export_osnet_round_trip_into_the_torchreid_network(tmp_path):
   )
   assert 'num_classes=5' in notes[0]
   # and back again: the exported file converts to the same variables
-  again = convert.convert_checkpoint(str(tmp_path / 'm.pth'), model)
+  again = checkpoint.load_weights(tmp_path / 'm.pth', model)
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(variables)):
     np.testing.assert_allclose(a, b, atol=1e-7)
 
@@ -322,7 +322,7 @@ def test_export_command_line_errors_are_one_line(tmp_path):
       [
           sys.executable,
           '-m',
-          'jaxreid.export',
+          'jaxreid.tools.export',
           f'--model={tmp_path}',
           '--format=torchreid',
           f'--out={tmp_path / "x.pth"}',
@@ -375,7 +375,7 @@ def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
   model = models.create_model(
       arch='abmt' if method == 'abmt' else 'resnet', backbone='osnet_x0_25', num_classes=9
   )
-  variables = convert.convert_checkpoint(str(tmp_path / 'osnet.pth'), model)
+  variables = checkpoint.load_weights(tmp_path / 'osnet.pth', model)
   target = input_pipeline.load_and_decode(
       'synthetic_b', None, 64, 32, synthetic=c.data.synthetic.to_dict()
   )
@@ -383,8 +383,8 @@ def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
     variables = run.warm_start_max_branch(model, variables, target.train, c.seed)
   from jaxreid import features
 
-  expected = evaluation.evaluate_variables(
-      features.make_embed_fn(model), [variables], target, batch_size=64, branches=method == 'abmt'
+  expected = Evaluator.of_decoded(target).run(
+      features.make_embed_fn(model), [variables], batch_size=64, branches=method == 'abmt'
   )
   assert summary['source only']['mAP'] == pytest.approx(expected['mAP'], abs=1e-6)
   if method == 'mmt':
@@ -393,22 +393,24 @@ def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
 
 
 def test_real_task_presets_start_from_the_published_weights():
-  from configs import abmt as abmt_config
-  from configs import default
-  from configs import mmt as mmt_config
+  from configs import base
+  from configs import duke2market
+  from configs import market2cuhk_imagenet
+  from configs import msmt2market
 
-  c = mmt_config.get_config('msmt2market')
+  c = msmt2market.get_config('mmt')
+  assert c.method == 'mmt' and msmt2market.get_config().method == 'abmt'  # ABMT by default
   assert c.model.backbone == 'osnet_x0_25' and c.init.skip_pretrain
   assert c.init.pretrained.endswith('osnet_x0_25_msmt17.pth')
   assert c.data.target_root.endswith('market1501') and (c.data.height, c.data.width) == (256, 128)
   assert (c.train.epochs, c.train.iters, c.data.batch_size) == (3, 100, 32)
   assert c.cluster.num_clusters == 500
-  assert abmt_config.get_config('msmt2market').cluster.lam == 0.0  # no MSMT17 images to mix
-  m = mmt_config.get_config('market2cuhk_imagenet')
+  assert msmt2market.get_config('abmt').cluster.lam == 0.0  # no MSMT17 images to mix
+  m = market2cuhk_imagenet.get_config('mmt')
   assert m.model.backbone == 'mobilenetv2' and not m.init.skip_pretrain
   # the papers' tasks reproduce the published 4-GPU BatchNorm (16-image groups)
-  assert mmt_config.get_config('duke2market').model.norm_group_size == 16
-  assert default.get_config().model.norm_group_size == 0
+  assert duke2market.get_config('mmt').model.norm_group_size == 16
+  assert base.get_config().model.norm_group_size == 0
 
 
 def test_abmt_from_a_single_branch_model_starts_with_an_identity_extra_block():
@@ -449,10 +451,10 @@ def test_abmt_from_a_single_branch_model_starts_with_an_identity_extra_block():
 @pytest.mark.parametrize('backbone', ['resnet', 'osnet_x0_25', 'mobilenetv2'])
 @pytest.mark.parametrize('arch', ['resnet', 'abmt'])
 def test_benchmark_pytorch_networks_do_the_same_work_as_jaxreids(backbone, arch):
-  """experiments/bench_cpu_vs_torch.py compares step times, which means nothing unless its
-  PyTorch network is jaxreid's: same trainable parameters (count), same feature widths."""
+  """experiments/benchmarks/bench_cpu_vs_torch.py compares step times, which means nothing unless
+  its PyTorch network is jaxreid's: same trainable parameters (count), same feature widths."""
   torch = pytest.importorskip('torch')
-  from experiments import bench_cpu_vs_torch
+  from experiments.benchmarks import bench_cpu_vs_torch
 
   net = bench_cpu_vs_torch._torch_net(backbone, arch)
   trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)

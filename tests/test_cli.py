@@ -81,7 +81,8 @@ def bad(tmp_path_factory):
   )
 
 
-TASKS_LISTED = ('duke2market', 'market2duke', 'msmt2market')
+CONFIGS_LISTED = ('duke2market.py', 'folder.py', 'msmt2market.py', 'mmt.py')
+METHODS_LISTED = ('cluster_baseline', 'mean_teacher', 'mmt', 'abmt')
 CASES = {
     # jaxreid-train (= python -m jaxreid.main)
     'train-no-config': ('jaxreid.tools.train', [], ['required: --config']),
@@ -92,8 +93,13 @@ CASES = {
     ),
     'train-unknown-task': (
         'jaxreid.tools.train',
-        ['--config=configs/mmt.py:msmt2markt'],
-        ['msmt2markt', *TASKS_LISTED],
+        ['--config=configs/msmt2markt.py'],
+        ['msmt2markt.py', *CONFIGS_LISTED],
+    ),
+    'train-unknown-method': (
+        'jaxreid.tools.train',
+        ['--config=configs/msmt2market.py:abmtt'],
+        ["'abmtt'", *METHODS_LISTED],
     ),
     'train-config-raises': (
         'jaxreid.main',
@@ -112,7 +118,7 @@ CASES = {
         ['--backbone=osnet'],
         ['--backbone=osnet', 'osnet_x0_25', 'mobilenetv2'],
     ),
-    'benchmark-bad-value': ('jaxreid.benchmark', ['--steps=few'], ['--steps']),
+    'benchmark-bad-value': ('jaxreid.tools.benchmark', ['--steps=few'], ['--steps']),
     # jaxreid-convert
     'convert-missing-file': (
         'jaxreid.tools.convert',
@@ -121,7 +127,7 @@ CASES = {
     ),
     'convert-text-file': ('jaxreid.tools.convert', ['--model={text}', '--out=x'], ['text.pth']),
     'convert-msgpack': (
-        'jaxreid.convert',
+        'jaxreid.tools.convert',
         ['--model={msgpack}', '--out=x'],
         ['not a PyTorch checkpoint', 'needs no conversion'],
     ),
@@ -196,9 +202,9 @@ def test_config_path_is_found_from_the_repository_anywhere(bad):
 
 
 def test_verbose_shows_the_traceback():
-  proc = _run('jaxreid.main', '--config=configs/mmt.py:msmt2markt', '--verbose')
+  proc = _run('jaxreid.main', '--config=configs/msmt2market.py:abmtt', '--verbose')
   assert proc.returncode not in (0, 2)
-  assert 'Traceback' in proc.stderr and 'msmt2markt' in proc.stderr
+  assert 'Traceback' in proc.stderr and 'abmtt' in proc.stderr
 
 
 def test_verbose_in_process(bad):
@@ -222,7 +228,7 @@ def test_convert_reads_the_architecture_off_a_torchreid_file_and_creates_the_fol
 
 def _help_doc(tool):
   """The docstring `--help` starts with: the module that defines the tool's flags."""
-  module = {'train': 'jaxreid.main', 'benchmark': 'jaxreid.benchmark'}.get(tool)
+  module = {'train': 'jaxreid.main'}.get(tool)
   return importlib.import_module(module or f'jaxreid.tools.{tool}').__doc__.strip()
 
 
@@ -250,8 +256,8 @@ def test_help_of_the_absl_programs_has_the_same_layout(tool):
 
 
 def test_flag_names_use_underscores_and_the_old_spellings_still_parse():
-  from jaxreid import benchmark  # noqa: F401 - defines its flags on absl's FLAGS
-  from jaxreid import main  # noqa: F401
+  from jaxreid import main  # noqa: F401 - defines its flags on absl's FLAGS
+  from jaxreid.tools import benchmark  # noqa: F401
 
   tools = [importlib.import_module(f'jaxreid.tools.{t}') for t in OWN_FLAGS]
   for fv in [t.FLAGS for t in tools] + [flags.FLAGS]:

@@ -1,5 +1,6 @@
 """jaxreid.host_memory: with it, repeated XLA:CPU executions reuse their freed buffers instead of
-faulting in fresh pages each time (the measured cost is in experiments/results_benchmark.md)."""
+faulting in fresh pages each time (the measured cost is in
+experiments/benchmarks/results_benchmark.md)."""
 
 import platform
 import subprocess

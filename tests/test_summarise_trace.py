@@ -1,7 +1,7 @@
-"""experiments/summarise_trace.py: device time per kernel kind from a Perfetto trace, checked on a
-hand-written trace (known durations) and on a real jax.profiler trace of a matrix product; and
-experiments/profile_ops.py's attribution of HLO instructions to layer kinds (hand-written HLO); and
-experiments/ab_cpu_step.py's settings."""
+"""experiments/benchmarks/summarise_trace.py: device time per kernel kind from a Perfetto trace,
+checked on a hand-written trace (known durations) and on a real jax.profiler trace of a matrix
+product; and experiments/benchmarks/profile_ops.py's attribution of HLO instructions to layer kinds
+(hand-written HLO); and experiments/benchmarks/ab_cpu_step.py's settings."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import summarise_trace
+from experiments.benchmarks import summarise_trace
 
 
 def _write_trace(folder, events):
@@ -96,7 +96,7 @@ ENTRY %main.3 (x: f32[2,4,4,8], k: f32[3,3,8,8]) -> f32[2,4,4,8] {
 
 
 def test_profile_ops_attributes_instructions_to_layer_kinds():
-  from experiments import profile_ops
+  from experiments.benchmarks import profile_ops
 
   index = profile_ops.hlo_index(_HLO)
   depthwise = ['backbone/conv2_0/conv2a/conv2']
@@ -117,7 +117,7 @@ def test_profile_ops_attributes_instructions_to_layer_kinds():
 
 
 def test_ab_cpu_step_settings_reach_the_layers(monkeypatch):
-  from experiments import ab_cpu_step
+  from experiments.benchmarks import ab_cpu_step
   from jaxreid import layers
 
   monkeypatch.setattr(layers, 'DEPTHWISE_DENSE_MAX_CHANNELS', layers.DEPTHWISE_DENSE_MAX_CHANNELS)

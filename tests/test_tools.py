@@ -14,6 +14,7 @@ import tomllib
 import pytest
 
 from jaxreid.tools import common
+from jaxreid.tools import inference_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as _f:
@@ -90,7 +91,7 @@ def test_flags_start_from_the_defaults_on_every_call_and_take_argparse_spellings
   argv = ['--model', 'm', '--query=q', '--gallery=g']
 
   def main():
-    seen.append(common.model_overrides(search.FLAGS) | {'topk': search.FLAGS.topk})
+    seen.append(inference_flags.model_overrides(search.FLAGS) | {'topk': search.FLAGS.topk})
     return 0
 
   assert common.run(main, search.FLAGS, argv + ['--topk=3', '--no-ibn'], doc='') == 0
@@ -117,7 +118,7 @@ def _run(*args):
 
 
 def test_documented_module_commands_and_absl_entry_points_give_help():
-  r = _run('-m', 'jaxreid.evaluate', '--help')  # the library module's shim -> jaxreid.tools
+  r = _run('-m', 'jaxreid.tools.evaluate', '--help')
   assert r.returncode == 0, r.stderr
   assert r.stdout.startswith('Evaluate a trained model') and '--data_root' in r.stdout
   # jaxreid-train: the flags of jaxreid.main (not of the console script's launcher), status 0

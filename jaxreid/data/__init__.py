@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxreid.data import synthetic
 from jaxreid.data.readers import READERS
 from jaxreid.data.readers import DataError
 from jaxreid.data.readers import ReidDataset
@@ -57,8 +58,6 @@ def load_dataset(name: str, root=None, **kwargs) -> ReidDataset:
   """
   key = name.lower()
   if key in _SYNTHETIC:
-    from jaxreid.data import synthetic
-
     domain = kwargs.pop('domain', _SYNTHETIC[key])
     if _SYNTHETIC[key] is not None and domain != _SYNTHETIC[key]:
       raise DataError(f'{name} is domain {_SYNTHETIC[key]!r}, got domain={domain!r}')

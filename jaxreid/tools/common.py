@@ -1,5 +1,6 @@
-"""What the command-line tools share: one way to parse flags, print help and report errors, and
-the model flags.
+"""What the command-line tools share: one way to parse flags, print help and report errors, the
+flags shared by several tools (`--verbose`, `--keep_host_memory`) and the names of the model flags
+(`inference_flags` defines them).
 
 Most tools define their flags on a `flags.FlagValues` of their own (`flag_values()`) rather than
 absl's global FLAGS, so that tools can share a process (tests call several tools' `main(argv)` one
@@ -33,6 +34,8 @@ import zipfile
 
 from absl import app
 from absl import flags
+
+from jaxreid import host_memory
 
 HELP_ARGS = ('-h', '-?', '--help', '--helpshort', '--helpfull')
 EXIT_USAGE = 2  # a bad command line or bad input (argparse's status)
@@ -122,6 +125,21 @@ def define_verbose(fv: flags.FlagValues) -> None:
     )
 
 
+def define_keep_host_memory(fv: flags.FlagValues) -> None:
+  """`--keep_host_memory`, the mode of `host_memory.apply`, for the programs that run JAX's train
+  step (the trainer and the benchmark)."""
+  if 'keep_host_memory' not in fv:
+    flags.DEFINE_enum(
+        'keep_host_memory',
+        'off',
+        list(host_memory.MODES),
+        'Let the C allocator reuse freed memory instead of returning it (jaxreid.host_memory): a '
+        'one-network CPU step stops faulting in fresh pages every step and runs faster, but '
+        'two-network steps (MMT) ran slower, with more peak memory. auto: on for CPU-only runs.',
+        flag_values=fv,
+    )
+
+
 def define_alias(fv: flags.FlagValues, old: str, name: str) -> None:
   """Accepts `--old` as a former spelling of `--name`; left out of `--help`."""
   flags.DEFINE_alias(old, name, flag_values=fv)
@@ -183,8 +201,9 @@ def run_app(
     prepare: Callable[[list[str]], list[str]] | None = None,
 ) -> NoReturn:
   """`absl.app.run(main)` for a program on absl's global FLAGS (`jaxreid.main`,
-  `jaxreid.benchmark`), with `run`'s help and errors. `modules`: the names of the modules whose
-  flags `--help` lists (absl's own logging and debugging flags still work but are not listed).
+  `jaxreid.tools.benchmark`), with `run`'s help and errors. `modules`: the names of the modules
+  whose flags `--help` lists (absl's own logging and debugging flags still work but are not
+  listed).
   `prepare(argv)`: checks / rewrites the arguments before parsing. Exits."""
   fv = flags.FLAGS
   argv = list(sys.argv)
@@ -257,7 +276,7 @@ def usage(
     for f in fs:
       if f not in listed and not f.help.startswith('Alias for --'):
         listed.append(f)
-  shared = by_module.get(__name__, [])
+  shared = by_module.get(MODEL_FLAGS_MODULE, [])
   groups = {
       'flags': [f for f in listed if f not in shared or f.name not in MODEL_FLAGS],
       MODEL_GROUP: [f for f in listed if f in shared and f.name in MODEL_FLAGS],
@@ -281,40 +300,12 @@ def _flag_help(flag, required: bool) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model and feature flags (evaluate, search)
+# Model flags (evaluate, search, export): `inference_flags` defines the overrides, which `usage`
+# lists apart
 
 MODEL_HELP = (
     'work dir of a finished run (its model.msgpack and config.json), a .msgpack, or a PyTorch file'
 )
 MODEL_GROUP = 'model overrides (replace config.json / what the weights imply)'
 MODEL_FLAGS = ('arch', 'backbone', 'depth', 'width', 'ibn', 'height', 'img_width')
-
-
-def define_inference_flags(fv: flags.FlagValues, *, exported: str) -> None:
-  """`--export_features` (`exported`: what is written besides the features), `--batch_size`
-  and the model overrides (`MODEL_FLAGS`, all unset by default: `model_overrides`)."""
-  from jaxreid import models
-
-  flags.DEFINE_string(
-      'export_features',
-      '',
-      f'a folder DIR (created): write features (.npy), {exported} into it',
-      flag_values=fv,
-  )
-  flags.DEFINE_integer('batch_size', 256, 'images per feature batch', lower_bound=1, flag_values=fv)
-  flags.DEFINE_enum(
-      'arch', None, ['resnet', 'abmt'], 'one branch (ReIDNet) or two (ABMTNet)', flag_values=fv
-  )
-  flags.DEFINE_enum('backbone', None, models.BACKBONES, 'the backbone network', flag_values=fv)
-  flags.DEFINE_integer(
-      'depth', None, f'ResNet depth, one of {sorted(models.RESNET_SPECS)}', flag_values=fv
-  )
-  flags.DEFINE_integer('width', None, 'network width (64 = standard ResNet)', flag_values=fv)
-  flags.DEFINE_bool('ibn', None, 'IBN-ResNet-a (--noibn: plain ResNet)', flag_values=fv)
-  flags.DEFINE_integer('height', None, 'input height (default 256)', flag_values=fv)
-  flags.DEFINE_integer('img_width', None, 'input width (default 128)', flag_values=fv)
-
-
-def model_overrides(fv: flags.FlagValues) -> dict:
-  """The model flags' values as `inference.load_model` overrides (unset ones are None: ignored)."""
-  return {name: fv[name].value for name in MODEL_FLAGS}
+MODEL_FLAGS_MODULE = 'jaxreid.tools.inference_flags'

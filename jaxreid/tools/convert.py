@@ -12,7 +12,7 @@
   jaxreid-convert --model=model_best.pth.tar --out=mmt.msgpack --depth=50 [--ibn]
   # a torchreid OSNet (e.g. osnet_x0_25_msmt17.pth): everything read off the file
   jaxreid-convert --model=osnet_x0_25_msmt17.pth --out=weights/osnet_x0_25_msmt17.msgpack
-  (or python -m jaxreid.convert ...)
+  (or python -m jaxreid.tools.convert ...)
 
 What the file says is read off it: `--format auto` recognises the layouts from the key names,
 `--arch auto` picks ABMTNet for an ABMT checkpoint, `--backbone auto` reads a torchreid OSNet's or
@@ -20,7 +20,7 @@ a torchvision MobileNetV2's backbone, and the classifier is as wide as the check
 it has none); the flags override. The output is `jaxreid.checkpoint.save_weights`' msgpack of
 {params, batch_stats} (its folder is created), which `--config.init.*`, `jaxreid-evaluate` and
 `jaxreid-search` read (they also take the PyTorch file itself). Reading is safe: only plain tensor
-checkpoints are accepted (`jaxreid.convert`). A file that cannot be converted is one line
+checkpoints are accepted (`jaxreid.torch_file`). A file that cannot be converted is one line
 `error: ...`, exit status 2, and nothing is written.
 """
 
@@ -37,6 +37,7 @@ from absl import flags
 from jaxreid import checkpoint
 from jaxreid import convert
 from jaxreid import models
+from jaxreid import torch_file
 from jaxreid.tools import common
 
 FLAGS = common.flag_values()
@@ -109,7 +110,7 @@ def checkpoint_num_classes(state_dict) -> int | None:
 def _convert() -> int:
   if not os.path.isfile(FLAGS.model):
     raise common.UsageError(f'--model={FLAGS.model}: no such file')
-  if not convert.is_torch_file(FLAGS.model):
+  if not torch_file.is_torch_file(FLAGS.model):
     with open(FLAGS.model, 'rb') as f:
       msgpack = f.read(1) == b'\x82'  # save_weights' two-entry map
     raise common.UsageError(
@@ -118,7 +119,7 @@ def _convert() -> int:
     )
   report = {}
   try:
-    sd = convert.extract_state_dict(convert.load_torch_checkpoint(FLAGS.model))
+    sd = convert.extract_state_dict(torch_file.load(FLAGS.model))
     fmt = convert.detect_format(sd) if FLAGS.format == 'auto' else FLAGS.format
     backbone = convert.checkpoint_backbone(sd, fmt) if FLAGS.backbone == 'auto' else FLAGS.backbone
     arch = ('abmt' if fmt == 'abmt' else 'resnet') if FLAGS.arch == 'auto' else FLAGS.arch

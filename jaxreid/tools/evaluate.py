@@ -2,15 +2,16 @@
 
   jaxreid-evaluate --model=workdirs/mmt_duke_to_market --data=market1501 \\
       --data_root=/data/Market-1501 [--rerank] [--export_features=feats/] [--batch_size=256]
-  (or python -m jaxreid.evaluate ...)
+  (or python -m jaxreid.tools.evaluate ...)
 
 `--model` is a work dir (its `model.msgpack` and `config.json`), a `.msgpack` file (its
 config.json is looked for next to it and in the parent folder) or a PyTorch file (converted in
 memory). Without a config.json the architecture is read off the weights' shapes and the input
 size defaults to 256x128; `--arch`, `--backbone`, `--depth`, `--width`, `--ibn`, `--height`,
 `--img_width` override either. The protocol is the Market one (same identity *and* camera removed
-from each query's gallery; mAP and CMC rank-k), as during training (`jaxreid.retrieval.evaluate`).
-A Market-layout folder needs only `query/` and `bounding_box_test/` here (no training images).
+from each query's gallery; mAP and CMC rank-k), as during training
+(`jaxreid.retrieval.market_metrics`). A Market-layout folder needs only `query/` and
+`bounding_box_test/` here (no training images).
 Errors (a missing folder, weights that do not fit the model, ...) are one line; exit status 2.
 """
 
@@ -24,10 +25,11 @@ from typing import Sequence
 
 from absl import flags
 
-from jaxreid import evaluate
 from jaxreid import inference
-from jaxreid.data import DataError
+from jaxreid import reporting
+from jaxreid.evaluator import Evaluator
 from jaxreid.tools import common
+from jaxreid.tools import inference_flags
 
 FLAGS = common.flag_values()
 flags.DEFINE_string('model', None, common.MODEL_HELP, flag_values=FLAGS)
@@ -50,9 +52,7 @@ flags.DEFINE_bool(
     'k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3) before the metrics',
     flag_values=FLAGS,
 )
-common.define_inference_flags(
-    FLAGS, exported='their paths / pids / camids (.json) and results.json'
-)
+inference_flags.define(FLAGS, exported='their paths / pids / camids (.json) and results.json')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,28 +64,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate() -> int:
-  loaded = inference.load_model(FLAGS.model, common.model_overrides(FLAGS))
+  loaded = inference.load_model(FLAGS.model, inference_flags.model_overrides(FLAGS))
   print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
-  query, gallery, desc = evaluate.load_test_splits(FLAGS.data, FLAGS.data_root, loaded.config)
-  if len(query) == 0 or len(gallery) == 0:
-    raise DataError(
-        f'{desc}: {len(query)} query and {len(gallery)} gallery images; both are needed'
-    )
+  evaluator = Evaluator.load(FLAGS.data, FLAGS.data_root, loaded.config, rerank=FLAGS.rerank)
+  desc = evaluator.name
+  query, gallery = evaluator.query, evaluator.gallery
   print(
       f'data: {desc}: {len(query)} queries ({query.num_pids} ids), {len(gallery)} gallery '
       f'images ({gallery.num_pids} ids)',
       flush=True,
   )
   t0 = time.time()
-  # query / gallery come back without the images that could not be read (rows = features)
-  results, qf, gf, query, gallery = evaluate.evaluate_model(
-      loaded, query, gallery, batch_size=FLAGS.batch_size, rerank=FLAGS.rerank
-  )
+  # the evaluator of the images that could be read: its rows are the features'
+  results, qf, gf, kept = evaluator.run_model(loaded, batch_size=FLAGS.batch_size)
+  query, gallery = kept.query, kept.gallery
   print(
       f'features and metrics in {time.time() - t0:.1f}s'
       f'{" (re-ranked)" if FLAGS.rerank else ""}\n'
   )
-  print(evaluate.results_table(results))
+  print(reporting.results_table(results))
   if FLAGS.export_features:
     extra = {'model': os.path.abspath(loaded.weights_path), 'data': desc}
     written = inference.export_features(

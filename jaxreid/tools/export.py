@@ -3,7 +3,7 @@
 
   jaxreid-export --model=WORKDIR --format=torchreid --out=osnet_adapted.pth
   jaxreid-export --model=WORKDIR --format=torchvision --out=mobilenetv2_adapted.pth
-  (or python -m jaxreid.export ...)
+  (or python -m jaxreid.tools.export ...)
 
 torchreid (OSNet): the state dict of `torchreid.models.osnet_x0_25(num_classes=K)` (the variant
 and K are printed); `load_state_dict(..., strict=True)` accepts it and the network's eval output

@@ -1,7 +1,7 @@
 """Redraw the plots of jaxreid runs from their metrics, and compare runs in one figure.
 
   jaxreid-plots WORKDIR [WORKDIR ...] [--compare=compare.png] [--labels=mmt,abmt]
-  (or python -m jaxreid.plots ...)
+  (or python -m jaxreid.tools.plots ...)
 
 Each WORKDIR is the work dir of a run (finished or not): its `<workdir>/plots/*.png` (overview,
 losses, accuracy, clusters, ...) are redrawn from `<workdir>/metrics.jsonl` and their paths

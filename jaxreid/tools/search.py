@@ -2,7 +2,7 @@
 
   jaxreid-search --model=workdirs/mmt_duke_to_market --query=person.jpg --gallery=crops/ \\
       [--topk=10] [--out=retrieval.png] [--export_features=DIR]
-  (or python -m jaxreid.search ...)
+  (or python -m jaxreid.tools.search ...)
 
 `--query` is an image file or a folder, `--gallery` a folder (image files directly inside it).
 Images of any size and mode (grayscale, RGBA, palette; PNG, JPEG, BMP, ...) are converted to RGB
@@ -25,9 +25,10 @@ from typing import Sequence
 from absl import flags
 
 from jaxreid import inference
-from jaxreid import plots
+from jaxreid import retrieval_figure
 from jaxreid import search
 from jaxreid.tools import common
+from jaxreid.tools import inference_flags
 
 FLAGS = common.flag_values()
 flags.DEFINE_string('model', None, common.MODEL_HELP, flag_values=FLAGS)
@@ -48,7 +49,7 @@ flags.DEFINE_integer(
     lower_bound=1,
     flag_values=FLAGS,
 )
-common.define_inference_flags(FLAGS, exported='paths / ids (.json) and ranking.json')
+inference_flags.define(FLAGS, exported='paths / ids (.json) and ranking.json')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _search() -> int:
   if FLAGS.out:
     common.output_path(FLAGS.out)  # before the work
-  loaded = inference.load_model(FLAGS.model, common.model_overrides(FLAGS))
+  loaded = inference.load_model(FLAGS.model, inference_flags.model_overrides(FLAGS))
   print(f'model: {loaded.weights_path}\n  {loaded.describe()}', flush=True)
   t0 = time.time()
   result = search.search(
@@ -82,7 +83,7 @@ def _search() -> int:
   written = []
   if FLAGS.out:
     rows = min(FLAGS.max_rows, len(result.query))
-    plots.retrieval_figure(
+    retrieval_figure.retrieval_figure(
         result.query.images[:rows],
         result.gallery.images,
         result.ranked[:rows],
