@@ -1,9 +1,17 @@
-"""Clustering baseline: one network trained on pseudo-labels with CE + softmax-triplet, no
-teacher (MMT with both soft weights 0 and the EMA off). Options as configs/mmt.py."""
+"""The clustering baseline on the built-in synthetic world: one network trained on K-means pseudo
+labels with cross-entropy and a softmax triplet, no teacher (MMT with both soft weights 0).
 
-from configs import default
+  python -m jaxreid.main --config=configs/cluster_baseline.py [--config.seed=2]
+  python -m jaxreid.main --config=configs/cluster_baseline.py:dbscan
+
+Real data: configs/<source>2<target>.py:cluster_baseline.
+"""
+
+from configs import base
 
 
 def get_config(arg: str = ''):
-  c = default.clustering_method_config('cluster_baseline', arg)
+  c = base.get_config('cluster_baseline')
+  if 'dbscan' in base.options(arg, ('dbscan',)):
+    base.use_dbscan(c, rho=1.6e-3 * base.SYNTHETIC_RHO_SCALE)
   return c

@@ -1,11 +1,17 @@
-"""Mean-teacher baseline: one network supervised by pseudo-labels and by its own EMA teacher
-(MMT's loss with i = j). Options as configs/mmt.py."""
+"""The mean-teacher baseline on the built-in synthetic world: one network supervised by K-means
+pseudo labels and by its own EMA teacher (MMT's loss with i = j; the teacher sees a second view).
 
-from configs import default
+  python -m jaxreid.main --config=configs/mean_teacher.py [--config.seed=2]
+  python -m jaxreid.main --config=configs/mean_teacher.py:dbscan
+
+Real data: configs/<source>2<target>.py:mean_teacher.
+"""
+
+from configs import base
 
 
 def get_config(arg: str = ''):
-  c = default.clustering_method_config('mean_teacher', arg)
-  c.loss.soft_ce_weight = 0.5
-  c.loss.soft_tri_weight = 0.8
+  c = base.get_config('mean_teacher')
+  if 'dbscan' in base.options(arg, ('dbscan',)):
+    base.use_dbscan(c, rho=1.6e-3 * base.SYNTHETIC_RHO_SCALE)
   return c

@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import abmt as abmt_config
-from configs import cluster_baseline as baseline_config
+from configs import folder as folder_config
 from configs import mmt as mmt_config
+from configs import msmt2market as msmt2market_config
 from jaxreid import config_checks
 from jaxreid import input_pipeline
 from jaxreid.data import DataError
@@ -95,14 +95,14 @@ def test_empty_missing_and_unreadable_folders_are_one_clear_error(tmp_path):
 
 
 def test_folder_presets_and_what_they_ask_of_the_user(tmp_path):
-  c = abmt_config.get_config('folder')
+  c = folder_config.get_config()
   assert (c.data.target, c.data.target_root, c.export.torch_format) == ('folder', '', 'torchreid')
   assert c.init.skip_pretrain and c.init.pretrained.endswith('osnet_x0_25_msmt17.pth')
   assert os.path.isabs(c.init.pretrained)  # not relative to the current directory
   assert c.cluster.method == 'dbscan' and c.cluster.lam == 0.0
   # The preset differs from the labelled msmt17 -> market1501 task only in where the target is
   # (and in K-means' cluster count, which DBSCAN does not use).
-  twin = abmt_config.get_config('msmt2market')
+  twin = msmt2market_config.get_config('abmt')
   twin.cluster.num_clusters = 0
   flat = lambda cfg: {k: v for k, v in json.loads(cfg.to_json()).items() if k != 'data'}
   assert {**flat(c), 'export': None} == {**flat(twin), 'export': None}
@@ -116,13 +116,13 @@ def test_folder_presets_and_what_they_ask_of_the_user(tmp_path):
   c.data.val_root = str(tmp_path)
   config_checks.validate_config(c)
 
-  m = mmt_config.get_config('folder')
+  m = folder_config.get_config('mmt')
   m.data.target_root = str(tmp_path)
   with pytest.raises(config_checks.ConfigError, match=r'cluster.num_clusters: K-means needs'):
     config_checks.validate_config(m)
   m.cluster.num_clusters = 300
   config_checks.validate_config(m)
-  d = mmt_config.get_config('folder,dbscan')
+  d = folder_config.get_config('mmt,dbscan')
   d.data.target_root = str(tmp_path)
   config_checks.validate_config(d)
 
@@ -172,7 +172,7 @@ def test_adapt_an_unlabelled_folder_from_a_torchreid_file_to_a_torchreid_file(tm
   torch.manual_seed(0)
   torch.save(tr.osnet_x0_25(num_classes=9).state_dict(), tmp_path / 'start.pth')
   crops = _toy_crops(tmp_path / 'crops')
-  c = baseline_config.get_config('folder')
+  c = folder_config.get_config('cluster_baseline')
   c.data.update(dict(target_root=str(crops), height=64, width=32, batch_size=16))
   c.data.update(dict(eval_batch_size=64, val_root=str(_market_layout(tmp_path / 'val'))))
   c.init.pretrained = str(tmp_path / 'start.pth')

@@ -109,7 +109,7 @@ def test_config_path_works_from_any_directory(tmp_path):
           sys.executable,
           '-m',
           'jaxreid.main',
-          f'--config={os.path.join(repo, "configs", "mmt.py")}:cuhk2pku,dbscan',
+          f'--config={os.path.join(repo, "configs", "cuhk2pku.py")}:mmt,dbscan',
           '--config.train.lr=-1',
           f'--workdir={tmp_path / "w"}',
       ],
