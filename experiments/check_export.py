@@ -42,7 +42,7 @@ def main():
         [
             sys.executable,
             '-m',
-            'jaxreid.export',
+            'jaxreid.tools.export',
             f'--model={args.run}',
             '--format=torchreid',
             f'--out={out}',
@@ -72,7 +72,7 @@ def main():
     return np.concatenate(out)
 
   qf, gf = features(ds.query.paths), features(ds.gallery.paths)
-  res = retrieval.evaluate(
+  res = retrieval.market_metrics(
       qf, gf, ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids
   )
   own = json.load(open(os.path.join(args.run, 'results.json')))

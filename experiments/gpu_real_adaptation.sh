@@ -19,7 +19,8 @@
 #                      find market1501 -type f ! -name '-1_*' | tar cf - -T - | xz -9e
 #   osnet_x0_25_msmt17.pth
 #   xla_cache.tar      (optional) the compiled programs an earlier call returned
-# is unpacked first; packages the machine lacks travel in `.whl/` (experiments/gpu_wheels.sh).
+# is unpacked first; packages the machine lacks travel in `.whl/`
+# (experiments/benchmarks/gpu_wheels.sh).
 # Outputs under $OUT: one log per run, runs.tar.gz (the work dirs without their checkpoints:
 # config, metrics, results, plots), xla_cache.tar, gpu.txt (the device, its memory at the end).
 set -uo pipefail
@@ -33,7 +34,7 @@ mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 
-source experiments/gpu_wheels.sh
+source experiments/benchmarks/gpu_wheels.sh
 if [[ -d .gpu ]]; then  # what travelled with the code to a lent machine
   if [[ -f .gpu/market1501.tar.xz && ! -d /tmp/shared/data/market1501 ]]; then
     mkdir -p /tmp/shared/data /tmp/shared/weights
@@ -61,7 +62,7 @@ save_runs() {  # the work dirs without their checkpoints, to $OUT (replaced whol
 }
 declare -A pid
 for row in ${ROWS:-mmt abmt}; do
-  $PY -m jaxreid.main --config=configs/$row.py:msmt2market --workdir="$RUNS/${row}_s1" \
+  $PY -m jaxreid.main --config=configs/msmt2market.py:$row --workdir="$RUNS/${row}_s1" \
       --config.seed=1 --config.data.batch_size=64 --config.data.eval_batch_size=256 \
       --config.train.epochs=40 --config.train.iters=400 --config.train.eval_every="$EVAL_EVERY" \
       --config.train.log_every=100 --config.train.coupling=False "$@" \

@@ -11,7 +11,8 @@
 # losses, as the MMT rows from published re-ID weights do: README, "MMT's two networks from one
 # published model"). Budget: the task preset (pre-training 20 x 100, adaptation 3 x 100, batch
 # 32); inputs 128x64 by default (HEIGHT / WIDTH): at 256x128 one MobileNetV2 pre-training
-# alone takes about 2.4 h on the 2-core CPU (7.5 img/s measured, experiments/results_benchmark.md).
+# alone takes about 2.4 h on the 2-core CPU (7.5 img/s measured,
+# experiments/benchmarks/results_benchmark.md).
 #
 # Usage: [RUNS_DIR=runs/real] [TASK=market2cuhk_imagenet] [HEIGHT=128 WIDTH=64] \
 #          [ROWS="cluster_baseline mean_teacher mmt abmt"] [MMT_SOURCES=own|shared] \
@@ -39,9 +40,9 @@ run() {  # name, config, then flags: skipped when finished
 source_model() { echo "$out/$1/pretrain_seed$2/model.msgpack"; }
 
 # 1. Source pre-training (supervised, Market-1501), from the ImageNet weights of the task preset.
-run pretrain_s1 "configs/pretrain.py:$task" --config.seed=1 "$@"
-[[ "$rows" == *" mmt "* && $mmt_sources == own ]] && run pretrain_s2 "configs/pretrain.py:$task" --config.seed=2 "$@"
-[[ "$rows" == *" abmt "* ]] && run pretrain_abmt_s1 "configs/pretrain.py:$task,abmt" --config.seed=1 "$@"
+run pretrain_s1 "configs/$task.py:pretrain" --config.seed=1 "$@"
+[[ "$rows" == *" mmt "* && $mmt_sources == own ]] && run pretrain_s2 "configs/$task.py:pretrain" --config.seed=2 "$@"
+[[ "$rows" == *" abmt "* ]] && run pretrain_abmt_s1 "configs/$task.py:pretrain,abmt" --config.seed=1 "$@"
 
 # 2. Adaptation to the target without its labels, every method from the shared source models.
 one=$(source_model pretrain_s1 1)
@@ -53,7 +54,7 @@ for row in cluster_baseline mean_teacher mmt abmt; do
     abmt) checkpoints="('$(source_model pretrain_abmt_s1 1)',)" ;;
     *) checkpoints="('$one',)" ;;
   esac
-  run "${row}_s1" "configs/$row.py:$task" --config.seed=1 --config.init.checkpoints="$checkpoints" "$@"
+  run "${row}_s1" "configs/$task.py:$row" --config.seed=1 --config.init.checkpoints="$checkpoints" "$@"
 done
 wait_all
 $PY experiments/summarise.py "$out"

@@ -24,8 +24,8 @@ for seed in ${SEEDS:-1 2}; do
   for row in mmt abmt cluster_baseline mean_teacher mmt_dbscan; do
     [[ "$only" == *" $row "* ]] || continue
     case $row in
-      mmt_dbscan) config=configs/mmt.py:$task,dbscan ;;
-      *) config=configs/$row.py:$task ;;
+      mmt_dbscan) config=configs/$task.py:mmt,dbscan ;;
+      *) config=configs/$task.py:$row ;;
     esac
     [[ -f $out/${row}_s$seed/results.json ]] && continue  # finished already
     launch "${row}_s$seed" "$out" $PY -m jaxreid.main --config=$config \

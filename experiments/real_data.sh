@@ -16,12 +16,12 @@ common=(--config.model.depth=18 --config.model.width=16 "$@")
 # Two source models (different seeds) for the resnet methods, one two-branch model for ABMT.
 if [[ "$only" == *" cluster_baseline "* || "$only" == *" mean_teacher "* || "$only" == *" mmt "* ]]; then
   for seed in 1 2; do
-    $PY -m jaxreid.main --config=configs/pretrain.py:$task --workdir=$out/pretrain_s$seed \
+    $PY -m jaxreid.main --config=configs/$task.py:pretrain --workdir=$out/pretrain_s$seed \
         --config.seed=$seed "${common[@]}"
   done
 fi
 if [[ "$only" == *" abmt "* ]]; then
-  $PY -m jaxreid.main --config=configs/pretrain.py:$task,abmt --workdir=$out/pretrain_abmt \
+  $PY -m jaxreid.main --config=configs/$task.py:pretrain,abmt --workdir=$out/pretrain_abmt \
       --config.seed=1 "${common[@]}"
 fi
 
@@ -30,11 +30,11 @@ m2=$out/pretrain_s2/pretrain_seed2/model.msgpack
 ma=$out/pretrain_abmt/pretrain_seed1/model.msgpack
 for method in cluster_baseline mean_teacher mmt; do
   [[ "$only" == *" $method "* ]] || continue
-  $PY -m jaxreid.main --config=configs/$method.py:$task --workdir=$out/$method \
+  $PY -m jaxreid.main --config=configs/$task.py:$method --workdir=$out/$method \
       "--config.init.checkpoints=('$m1','$m2')" "${common[@]}"
 done
 if [[ "$only" == *" abmt "* ]]; then
-  $PY -m jaxreid.main --config=configs/abmt.py:$task --workdir=$out/abmt \
+  $PY -m jaxreid.main --config=configs/$task.py:abmt --workdir=$out/abmt \
       "--config.init.checkpoints=('$ma',)" "${common[@]}"
 fi
 $PY experiments/summarise.py $out

@@ -2,14 +2,15 @@
 
 Makes an unlabelled copy of Market-1501's training images (random file names, one sub-folder per
 camera, in a temporary folder deleted at the end), adapts torchreid's MSMT17 OSNet x0.25 to it
-with the own-cameras preset (`configs/abmt.py:folder`), then scores what the run wrote on
-Market-1501's labelled test split: the work dir's model in jaxreid, and the exported torchreid
-file (`model.pth`, ABMT's avg branch) in plain PyTorch with torchreid's preprocessing (PIL
-bilinear resize, ImageNet mean / std). The labelled twin is `configs/abmt.py:msmt2market` with
+with the own-cameras preset (`configs/folder.py`), then scores what the run wrote on
+Market-1501's labelled test split: the work dir's model in jaxreid (training's bicubic resize),
+and the exported torchreid file (`model.pth`, ABMT's avg branch) with torchreid's preprocessing
+(PIL bilinear resize, ImageNet mean / std) both in jaxreid (`jaxreid.FeatureExtractor`) and in
+plain PyTorch. The labelled twin is `configs/msmt2market.py` with
 the same seed (experiments/real_adaptation.sh).
 
 Usage: python experiments/unlabelled_market.py --market=../shared/data/market1501 \
-           --workdir=runs/real/unlabelled_abmt_s1 [--seed=1] [--preset=configs/abmt.py:folder]
+           --workdir=runs/real/unlabelled_abmt_s1 [--seed=1] [--preset=configs/folder.py]
 Results: <workdir>/unlabelled_market.json and the printed table (experiments/results_real.md).
 """
 
@@ -74,7 +75,18 @@ def torch_market_map(pth: str, market: str, height: int, width: int, batch: int 
 
   ds = load_dataset('market1501', market)
   ids = (ds.query.pids, ds.gallery.pids, ds.query.camids, ds.gallery.camids)
-  return retrieval.evaluate(features(ds.query.paths), features(ds.gallery.paths), *ids)
+  return retrieval.market_metrics(features(ds.query.paths), features(ds.gallery.paths), *ids)
+
+
+def jaxreid_market_map(pth: str, market: str) -> dict:
+  """Market protocol for the exported file read back by jaxreid's Python API (torchreid's
+  preprocessing, `jaxreid.FeatureExtractor`): the same network and resize as `torch_market_map`."""
+  sys.path.insert(0, REPO)
+  import jaxreid
+  from jaxreid.evaluator import Evaluator
+
+  evaluator = Evaluator.load('market1501', market)
+  return evaluator.run_model(jaxreid.load_model(pth), batch_size=64, interpolation='bilinear')[0]
 
 
 def main():
@@ -82,7 +94,7 @@ def main():
   p.add_argument('--market', required=True, help='Market-1501 (its bounding_box_train/ is copied)')
   p.add_argument('--workdir', required=True)
   p.add_argument('--seed', type=int, default=1)
-  p.add_argument('--preset', default='configs/abmt.py:folder')
+  p.add_argument('--preset', default='configs/folder.py')
   p.add_argument('extra', nargs='*', help='more --config.* flags for the run')
   args = p.parse_args()
   py = sys.executable
@@ -112,7 +124,7 @@ def main():
       [
           py,
           '-m',
-          'jaxreid.evaluate',
+          'jaxreid.tools.evaluate',
           f'--model={args.workdir}',
           '--data=market1501',
           f'--data_root={args.market}',
@@ -128,13 +140,13 @@ def main():
     record['jaxreid'] = json.load(f)
   config = json.load(open(os.path.join(args.workdir, 'config.json')))
   h, w = config['data']['height'], config['data']['width']
-  record['pytorch_export'] = torch_market_map(
-      os.path.join(args.workdir, 'model.pth'), args.market, h, w
-  )
+  pth = os.path.join(args.workdir, 'model.pth')
+  record['jaxreid_export'] = jaxreid_market_map(pth, args.market)
+  record['pytorch_export'] = torch_market_map(pth, args.market, h, w)
   record['evaluate_seconds'] = time.time() - t0
   with open(os.path.join(args.workdir, 'unlabelled_market.json'), 'w') as f:
     json.dump(record, f, indent=2, default=float)
-  for name in ('jaxreid', 'pytorch_export'):
+  for name in ('jaxreid', 'jaxreid_export', 'pytorch_export'):
     r = record[name]
     print(f'{name:16s} mAP {r["mAP"]:.2f} top1 {r["top1"]:.2f} top5 {r["top5"]:.2f}')
   print(f'run {record["run_seconds"] / 60:.1f} min, evaluation {record["evaluate_seconds"]:.0f} s')

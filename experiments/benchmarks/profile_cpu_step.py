@@ -7,11 +7,11 @@ every thread, which matters because XLA runs its kernels on threads of its own) 
 JIT-compiled fusions, YNNPACK / oneDNN / Eigen kernels, the Linux kernel's page handling,
 allocation...), and the shares are printed side by side.
 
-  python experiments/profile_cpu_step.py --backbone=osnet_x0_25 --size=256x128x16
-  python experiments/profile_cpu_step.py --backbone=resnet --size=128x64x32 --seconds=40
+  python experiments/benchmarks/profile_cpu_step.py --backbone=osnet_x0_25 --size=256x128x16
+  python experiments/benchmarks/profile_cpu_step.py --backbone=resnet --size=128x64x32 --seconds=40
 
 Needs perf (Debian: linux-perf) or py-spy (`pip install py-spy`), and torch (the PyTorch side: tests/torch_reference.py and
-the ResNet-50 of tests/test_convert.py, as experiments/bench_cpu_vs_torch.py).
+the ResNet-50 of tests/test_convert.py, as experiments/benchmarks/bench_cpu_vs_torch.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (kind, regex on a native or Python frame name), first match from the leaf wins.
 KINDS = (
@@ -120,7 +120,7 @@ def torch_step(backbone: str, h: int, w: int, b: int, threads: int = 2):
   sys.path.insert(0, REPO)
   import torch
 
-  from experiments import bench_cpu_vs_torch as bench
+  from experiments.benchmarks import bench_cpu_vs_torch as bench
 
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -178,7 +178,7 @@ def jax_step_parts(backbone: str, h: int, w: int, b: int, method_name: str = 'cl
       mesh,
   )
   idx = rng.permutation(n)[:b].astype(np.int32)
-  step_fn = methods.make_train_step(method, model, tx, erasing_prob=0.0, mesh=mesh)
+  step_fn = train.make_train_step(method, model, tx, erasing_prob=0.0, mesh=mesh)
   return step_fn, (state, data, idx, idx), variables, mesh
 
 

@@ -3,12 +3,12 @@
 Each variant sets module-level switches of `jaxreid.layers` before its step is traced and
 compiled; then the compiled steps run alternately (A, B, A, B, ...), so a busy or drifting
 machine slows every variant alike. This is how the CPU layer choices in
-experiments/results_benchmark.md were measured.
+experiments/benchmarks/results_benchmark.md were measured.
 
 Usage:
-  python experiments/ab_cpu_step.py --backbone=osnet_x0_25 --size=256x128x16 --pairs=5 \
+  python experiments/benchmarks/ab_cpu_step.py --backbone=osnet_x0_25 --size=256x128x16 --pairs=5 \
       --variants='DEPTHWISE_DENSE_MAX_CHANNELS=0;DEPTHWISE_DENSE_MAX_CHANNELS=32'
-  python experiments/ab_cpu_step.py --mode=eval --size=256x128x32 ...   # the feature pass
+  python experiments/benchmarks/ab_cpu_step.py --mode=eval --size=256x128x32 ...  # the feature pass
 A variant is `NAME=VALUE[,NAME=VALUE...]` with NAME a `jaxreid.layers` constant (an int) or
 `pointwise_impl` (auto | xla | dot); an empty variant is the default. Prints each variant's step
 times, their median, and the largest difference of its loss (train) or features (eval) from the
@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def apply_settings(variant: str) -> None:
@@ -46,7 +46,7 @@ def build(mode: str, backbone: str, h: int, w: int, b: int, method: str):
   import jax
   import numpy as np
 
-  from experiments import profile_cpu_step
+  from experiments.benchmarks import profile_cpu_step
   from jaxreid import models
   from jaxreid import numpy_init
 

@@ -2,7 +2,7 @@
 block-diagonal convolution, 'auto') vs XLA's grouped convolution vs PyTorch, forward and forward +
 backward, one layer alone (docs/reference.md section 8; in a network use ab_cpu_step.py).
 
-Usage: python experiments/bench_depthwise.py [--shape=32,64,32,64] [--repeats=10]
+Usage: python experiments/benchmarks/bench_depthwise.py [--shape=32,64,32,64] [--repeats=10]
 Prints one line per implementation with the best time of `repeats` calls, and the largest
 difference of each JAX result from the grouped convolution's.
 """

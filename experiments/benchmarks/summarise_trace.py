@@ -1,6 +1,6 @@
 """Where a traced training step spends its device time, from a `jax.profiler` Perfetto trace.
 
-`python -m jaxreid.benchmark ... --profile_dir=DIR` traces one chunk of `--steps` steps per method
+`python -m jaxreid.tools.benchmark ... --profile_dir=DIR` traces one chunk of `--steps` steps per method
 and dtype; this script reads the newest `perfetto_trace.json.gz` under each given folder and
 prints, per kind of kernel (convolution / matrix product, reduction fusion, elementwise fusion,
 copy / transpose, collective, other), the device time per step and its share, then the kernels
@@ -8,7 +8,7 @@ that take the most time. On a GPU the device's kernels are the events of its pro
 (`/device:GPU:0`); on the CPU, XLA's thunks on the host threads stand in for them.
 
 Usage:
-  python experiments/summarise_trace.py DIR/mmt_bfloat16 [--steps=20] [--top=25]
+  python experiments/benchmarks/summarise_trace.py DIR/mmt_bfloat16 [--steps=20] [--top=25]
 """
 
 from __future__ import annotations

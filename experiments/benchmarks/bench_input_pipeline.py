@@ -1,7 +1,8 @@
 """Throughput of the input pipeline: host decode (PIL decode + bicubic resize) and the jitted
 on-device augmentation (flip, pad + crop, normalise, random erasing), at 64x32 and 256x128.
 
-    python experiments/bench_input_pipeline.py [--images DIR] [--num-images N] [--batch-size B]
+    python experiments/benchmarks/bench_input_pipeline.py [--images DIR] [--num-images N] \
+        [--batch-size B]
 
 Images default to ../shared/data/cuhk03_detected/bounding_box_train when present, else the
 synthetic world (generated into the cache on first use). Augmentation timings are warm (compile
@@ -20,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 from jaxreid import input_pipeline as ip  # noqa: E402
 
 SIZES = ((64, 32), (256, 128))
@@ -31,7 +32,7 @@ def _image_paths(args) -> tuple[list[str], str]:
     d = Path(args.images)
   else:
     d = (
-        Path(__file__).resolve().parents[1].parent
+        Path(__file__).resolve().parents[2].parent
         / 'shared'
         / 'data'
         / 'cuhk03_detected'

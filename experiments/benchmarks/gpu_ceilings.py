@@ -3,7 +3,7 @@
 Prints the matrix-product rate for bfloat16, float32 at JAX's default precision (on NVIDIA GPUs
 this may use TF32 tensor cores) and float32 at 'highest' precision, plus device-to-device copy
 bandwidth. Random inputs, median of timed repeats after a warm-up.
-Usage: python experiments/gpu_ceilings.py
+Usage: python experiments/benchmarks/gpu_ceilings.py
 """
 
 import time

@@ -1,7 +1,7 @@
 """ABMT started from a single-branch re-ID model: the joint, avg and max features' mAP with the
 reference's random extra block and with jaxreid's warm start (`run.warm_start_max_branch`).
 
-Usage: python experiments/check_abmt_warm_start.py \\
+Usage: python experiments/benchmarks/check_abmt_warm_start.py \\
            --weights=../shared/weights/osnet_x0_25_msmt17.pth --data_root=../shared/data/pku_reid
 """
 
@@ -39,7 +39,7 @@ def main():
     f = features.extract_features(embed, [v], test, 32)
     parts = [('joint', f)] + list(zip(('avg', 'max'), features.branch_features(f)))
     return ', '.join(
-        f'{name} {retrieval.evaluate(x[:nq], x[nq:], *ids)["mAP"]:.1f}' for name, x in parts
+        f'{name} {retrieval.market_metrics(x[:nq], x[nq:], *ids)["mAP"]:.1f}' for name, x in parts
     )
 
   print(f'random extra block (reference init): mAP {scores(variables)}')

@@ -11,12 +11,12 @@ MobileNetV2 with last stride 1, tests/torch_reference.py), each with the re-ID h
   abmt:     one two-branch student forward + backward (CE and triplet per branch, soft CE against
             the teacher's other branch), its EMA teacher forward (no grad), EMA update.
 The loss terms differ in small details from jaxreid's (e.g. no soft triplet); their cost is
-negligible next to the networks'. jaxreid side: `python -m jaxreid.benchmark` (the trainer's own
+negligible next to the networks'. jaxreid side: `python -m jaxreid.tools.benchmark` (the trainer's own
 step) in a subprocess, optionally under several XLA_FLAGS settings.
 
 Usage:
-  python experiments/bench_cpu_vs_torch.py          # every backbone, method and size (~1 h here)
-  python experiments/bench_cpu_vs_torch.py --backbones=osnet_x0_25 --sizes=128x64x32 \
+  python experiments/benchmarks/bench_cpu_vs_torch.py  # every backbone, method and size (~1 h here)
+  python experiments/benchmarks/bench_cpu_vs_torch.py --backbones=osnet_x0_25 --sizes=128x64x32 \
       --methods=abmt --xla_flags="" --xla_flags="--xla_cpu_use_onednn=true" --json=out.json
 Prints a markdown table with img/s for both and the ratio; `--json` writes the same rows.
 """
@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _torch_trunk(backbone: str):
@@ -218,7 +218,7 @@ def jax_step_rate(
     cmd = [
         sys.executable,
         '-m',
-        'jaxreid.benchmark',
+        'jaxreid.tools.benchmark',
         f'--methods={method}',
         f'--dtypes={dtype}',
         '--depth=50',

@@ -1,4 +1,4 @@
-"""Benchmarks for jaxreid.retrieval / jaxreid.clustering (time and peak memory).
+"""Benchmarks for jaxreid.retrieval / jaxreid.pseudo_labels (time and peak memory).
 
 Every case runs in a fresh subprocess, so the reported peak RSS (``resource.getrusage`` max RSS
 of that process, which includes the Python + JAX runtime and the generated features) belongs to
@@ -11,10 +11,10 @@ that case alone. Cases:
   evaluate  Market-size evaluation (3,368 x 15,913, d = 2048) including the distances.
 
 Usage:
-  python experiments/bench_retrieval.py                  # the standard set (not MSMT17 rerank)
-  python experiments/bench_retrieval.py jaccard --n 12936 --kind random
-  python experiments/bench_retrieval.py rerank --q 11659 --g 82161
-  python experiments/bench_retrieval.py evaluate
+  python experiments/benchmarks/bench_retrieval.py            # the standard set (not MSMT17 rerank)
+  python experiments/benchmarks/bench_retrieval.py jaccard --n 12936 --kind random
+  python experiments/benchmarks/bench_retrieval.py rerank --q 11659 --g 82161
+  python experiments/benchmarks/bench_retrieval.py evaluate
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def peak_rss_gb() -> float:
@@ -84,7 +84,7 @@ def random_features(rng, n, d):
 
 
 def case_jaccard(args):
-  from jaxreid import clustering
+  from jaxreid import pseudo_labels
   from jaxreid import retrieval
 
   rng = np.random.default_rng(0)
@@ -98,12 +98,12 @@ def case_jaccard(args):
   t0 = time.perf_counter()
   graph = retrieval.jaccard_distance(x, k1=20, k2=6)
   t1 = time.perf_counter()
-  eps = clustering.estimate_eps(graph, args.rho)
+  eps = pseudo_labels.estimate_eps(graph, args.rho)
   t2 = time.perf_counter()
-  labels = clustering.dbscan(graph, eps, min_samples=4)
+  labels = pseudo_labels.dbscan(graph, eps, min_samples=4)
   t3 = time.perf_counter()
   c3 = cpu_s()
-  stats = clustering.cluster_stats(labels, ids)
+  stats = pseudo_labels.cluster_stats(labels, ids)
   return {
       'case': f'jaccard+dbscan N={args.n} {args.kind}',
       'n': args.n,
@@ -170,13 +170,13 @@ def case_evaluate(args):
 
   qf, gf = feats(q_pids), feats(g_pids)
   # warm-up (compilation) on a small slice, then time the full evaluation
-  retrieval.evaluate(qf[:64], gf, q_pids[:64], g_pids, q_cams[:64], g_cams)
+  retrieval.market_metrics(qf[:64], gf, q_pids[:64], g_pids, q_cams[:64], g_cams)
   base = peak_rss_gb()
   times, cpus = [], []
   for _ in range(args.repeat):
     c0 = cpu_s()
     t0 = time.perf_counter()
-    res = retrieval.evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams)
+    res = retrieval.market_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams)
     times.append(time.perf_counter() - t0)
     cpus.append(cpu_s() - c0)
   dist = retrieval.squared_distance(qf, gf)
@@ -188,7 +188,7 @@ def case_evaluate(args):
   t_proto = []
   for _ in range(args.repeat):
     t0 = time.perf_counter()
-    res2 = retrieval.evaluate_distances(dist, q_pids, g_pids, q_cams, g_cams)
+    res2 = retrieval.market_metrics_from_distances(dist, q_pids, g_pids, q_cams, g_cams)
     t_proto.append(time.perf_counter() - t0)
   assert abs(res2['mAP'] - res['mAP']) < 1e-6
   return {

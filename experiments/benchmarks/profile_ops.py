@@ -7,11 +7,11 @@ matrix product, depthwise convolution, BatchNorm, the rest) and to the forward o
 self time, backward where an autograd node is an ancestor. Layout copies and transposes are a
 kind of their own on both sides: XLA:CPU inserts them around convolution gradients.
 
-The step is experiments/profile_cpu_step.py's: one network (the clustering baseline's), CE +
-batch-hard softmax triplet, Adam; random init, random images.
+The step is experiments/benchmarks/profile_cpu_step.py's: one network (the clustering baseline's),
+CE + batch-hard softmax triplet, Adam; random init, random images.
 
-  python experiments/profile_ops.py --backbone=resnet --size=256x128x16
-  python experiments/profile_ops.py --backbone=osnet_x0_25 --size=256x128x16 --top=20
+  python experiments/benchmarks/profile_ops.py --backbone=resnet --size=256x128x16
+  python experiments/benchmarks/profile_ops.py --backbone=osnet_x0_25 --size=256x128x16 --top=20
 
 XLA runs independent thunks on several threads at once, so its per-kind sums can exceed the wall
 time of a step; both are printed. Needs torch for the PyTorch side (`--sides=jax` without).
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 _BN = re.compile(r'/(bn\w*|\w*_bn|norm\w*|IN|neck\w*|BatchNorm\w*)/', re.I)
@@ -92,8 +92,8 @@ def profile_jax(backbone: str, h: int, w: int, b: int, steps: int, top: int):
   from flax import traverse_util
   import jax
 
-  from experiments import profile_cpu_step
-  from experiments import summarise_trace
+  from experiments.benchmarks import profile_cpu_step
+  from experiments.benchmarks import summarise_trace
 
   step_fn, (state, data, idx, _), variables, _ = profile_cpu_step.jax_step_parts(backbone, h, w, b)
   flat = traverse_util.flatten_dict(variables['params'])
@@ -129,7 +129,7 @@ def profile_jax(backbone: str, h: int, w: int, b: int, steps: int, top: int):
 def profile_torch(backbone: str, h: int, w: int, b: int, steps: int, threads: int):
   import torch
 
-  from experiments import profile_cpu_step
+  from experiments.benchmarks import profile_cpu_step
 
   step = profile_cpu_step.torch_step(backbone, h, w, b, threads)
   for _ in range(2):
