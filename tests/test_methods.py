@@ -239,4 +239,5 @@ def test_every_method_is_consistent():
     assert 'label_smoothing' in method.weights
   assert M.get('abmt').arch == 'abmt' and M.get('mmt').networks == ('net1', 'net2')
   assert abmt_config.get_config().model.arch == M.get('abmt').arch
-  assert mmt_config.get_config().loss.soft_tri_weight == 0.8
+  assert mmt_config.get_config().loss.soft_tri_weight is None  # the method's default applies
+  assert M.get('mmt').weights['soft_tri_weight'] == 0.8

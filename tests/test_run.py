@@ -20,6 +20,7 @@ from jaxreid import config_checks
 from jaxreid import methods as methods_lib
 from jaxreid import run
 from jaxreid import train as train_lib
+from jaxreid.data import Split
 from jaxreid.evaluator import Evaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -281,14 +282,12 @@ def test_two_branch_evaluation_reports_each_branch():
   # identity's one-hot (perfect retrieval); the max half is the identity's one-hot for queries
   # but the *next* identity's for gallery images, so for every query the nearest gallery images
   # in the max half (distance 0) are of the previous identity, never the true one.
-  import types
-
   num_ids = 4
   q_pids = np.arange(num_ids)
   g_pids = np.repeat(np.arange(num_ids), 2)
 
   def split(pids, cam):
-    return types.SimpleNamespace(pids=pids, camids=np.full(len(pids), cam))
+    return Split(np.array([f'{p}.jpg' for p in pids]), pids, np.full(len(pids), cam))
 
   def images(pids, gallery):  # identity and split written into the first pixel
     out = np.zeros((len(pids), 4, 2, 3), np.uint8)
