@@ -89,6 +89,11 @@ class Split:
   def __len__(self) -> int:
     return len(self.paths)
 
+  @classmethod
+  def empty(cls) -> 'Split':
+    """A split with no images (an unlabelled set's query and gallery, a test set's train)."""
+    return cls(np.zeros(0, str), np.zeros(0, np.int32), np.zeros(0, np.int32))
+
   @property
   def num_images(self) -> int:
     return len(self.paths)
@@ -353,9 +358,8 @@ def read_market_test_split(
   gallery = read_market_folder(
       base / 'bounding_box_test', keep_distractors=True, max_cam=max_cam, what=name
   )
-  empty = Split(np.zeros(0, str), np.zeros(0, np.int32), np.zeros(0, np.int32))
   cams = np.concatenate([query.camids, gallery.camids])
-  return ReidDataset(name, str(base), empty, query, gallery, 0, int(cams.max()) + 1)
+  return ReidDataset(name, str(base), Split.empty(), query, gallery, 0, int(cams.max()) + 1)
 
 
 def read_dukemtmc(root, *, name: str = 'dukemtmc') -> ReidDataset:
@@ -553,13 +557,12 @@ def read_image_folder(root, *, name: str = 'folder', num_threads: int | None = N
   camera_names = tuple(sorted({c for _, c in kept}))
   camids = np.searchsorted(np.array(camera_names), np.array([c for _, c in kept]))
   train = Split(np.array([p for p, _ in kept]), np.full(len(kept), UNLABELLED), camids)
-  empty = Split(np.zeros(0, str), np.zeros(0, np.int32), np.zeros(0, np.int32))
   return ReidDataset(
       name=name,
       root=str(base),
       train=train,
-      query=empty,
-      gallery=empty,
+      query=Split.empty(),
+      gallery=Split.empty(),
       num_train_pids=0,
       num_cams=len(camera_names),
       camera_names=camera_names,
