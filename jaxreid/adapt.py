@@ -329,6 +329,7 @@ def setup(
       loss=loss,
       ema_decay=tc.ema_decay,
       erasing_prob=tc.erasing_prob,
+      crop_pad=config.data.crop_pad,
       mesh=mesh,
   )
   adaptation = Adaptation(

@@ -77,6 +77,7 @@ def pretrain(
       tx,
       loss=loss,
       erasing_prob=pc.erasing_prob,
+      crop_pad=config.data.crop_pad,
       target_bn_pass=use_target,
       mesh=mesh,
   )

@@ -195,6 +195,7 @@ def make_train_step(
     loss: Callable | None = None,
     ema_decay: float = 0.999,
     erasing_prob: float = 0.5,
+    crop_pad: int = 10,
     target_bn_pass: bool = False,
     augment: bool = True,
     mesh: Mesh | None = None,
@@ -224,7 +225,7 @@ def make_train_step(
     labels = methods_lib.Labels(data.labels[batch_idx], data.class_mask)
     if augment:
       views = [
-          constrain(input_pipeline.augment(k, images, erasing_prob=erasing_prob))
+          constrain(input_pipeline.augment(k, images, pad=crop_pad, erasing_prob=erasing_prob))
           for k in jax.random.split(aug_key, method.num_views)
       ]
     else:
@@ -261,7 +262,7 @@ def make_train_step(
       # Pre-training: a no-grad train-mode forward of a target batch so that the BN running
       # statistics also see the target domain (before the update, as the reference does).
       t_images = constrain(data.target_images[target_idx])
-      t_view = input_pipeline.augment(target_key, t_images, erasing_prob=erasing_prob)
+      t_view = input_pipeline.augment(target_key, t_images, pad=crop_pad, erasing_prob=erasing_prob)
       for name in names:
         _, new_stats[name] = forward(
             {'params': state.params[name], 'batch_stats': new_stats[name]}, t_view, target_key

@@ -146,3 +146,38 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     synthetic.generate_world(tmp_path / 'w', synthetic.WorldConfig(**SMALL))
   assert list(tmp_path.iterdir()) == []  # neither the world nor a temp folder
+
+
+def test_default_test_split_has_500_queries():
+  """The default target's test split is large enough for a stable mAP (>= 500 queries)."""
+  plan, _ = synthetic._domain_plan(synthetic.WorldConfig(), 'b')
+  assert sum(s == 'query' for s, _, _ in plan) >= 500
+
+
+def test_domain_gap_moves_b_from_a_towards_its_own_style():
+  """gap 0: domain b draws its people and cameras from a's distribution (same random draws give
+  the same values); gap 1: b's own style; in between, each range lies between the two."""
+  from jaxreid.data import synthetic_render as render
+
+  def identity(domain, gap):
+    return render.sample_identity(np.random.default_rng(3), domain, gap)
+
+  def camera(domain, gap):
+    return render.sample_camera(np.random.default_rng(3), domain, 0, gap)
+
+  a, b0 = identity('a', 1.0), identity('b', 0.0)
+  assert all(np.array_equal(a[k], b0[k]) for k in a)
+  style_a, style_b = render._STYLE['a'], render._STYLE['b']
+  for gap in (0.0, 0.5, 1.0):
+    cam = camera('b', gap)
+    for key in ('gain', 'sat', 'blur', 'noise', 'scale'):
+      lo, hi = (
+          style_a[key][0] + gap * (style_b[key][0] - style_a[key][0]),
+          style_a[key][1] + gap * (style_b[key][1] - style_a[key][1]),
+      )
+      assert lo - 1e-6 <= cam[key] <= hi + 1e-6, (gap, key, cam[key], lo, hi)
+  # b's cast turns from a's warm daylight to its own cool cast as the gap grows (blue / red)
+  blue_over_red = [camera('b', g)['cast'][2] / camera('b', g)['cast'][0] for g in (0, 0.5, 1)]
+  assert blue_over_red[0] < blue_over_red[1] < blue_over_red[2]
+  with pytest.raises(ValueError, match='domain_gap'):
+    synthetic.WorldConfig(domain_gap=1.5)

@@ -44,7 +44,7 @@ from jaxreid.data.synthetic_render import sample_identity
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3  # 3: domain-b cast shared by its cameras (a domain gap, not a camera gap)
+GENERATOR_VERSION = 4  # 4: domain_gap (b's style part way from a's), 250 test identities
 DOMAINS = ('a', 'b')
 MANIFEST = 'manifest.json'
 
@@ -57,11 +57,14 @@ class WorldConfig:
   height: int = 64
   width: int = 32
   num_train_ids: int = 100
-  num_test_ids: int = 50
+  num_test_ids: int = 250  # >= 500 queries in domain b: a stable mAP
   min_images: int = 8  # images per identity, uniform in [min_images, max_images]
   max_images: int = 12
   num_cams_a: int = 4
   num_cams_b: int = 3
+  # How far domain b's clothing and camera styles are moved from a's towards b's own (darker,
+  # cooler, blurrier, noisier, people smaller in the frame): 0 = one domain, 1 = the far style.
+  domain_gap: float = 0.5
   jpeg_quality: int = 92
 
   def __post_init__(self):
@@ -73,6 +76,8 @@ class WorldConfig:
       raise ValueError('need 4 <= min_images <= max_images (a test id needs 2 cameras x 2)')
     if self.num_train_ids < 1 or self.num_test_ids < 1:
       raise ValueError('need at least one train and one test identity')
+    if not 0.0 <= self.domain_gap <= 1.0:
+      raise ValueError(f'domain_gap {self.domain_gap} outside [0, 1]')
     if self.num_train_ids + self.num_test_ids > 499:
       raise ValueError('at most 499 identities per domain (ids are numbered per domain)')
 
@@ -112,12 +117,12 @@ def _write_domain(out: Path, cfg: WorldConfig, domain: str) -> dict:
   dcode = DOMAINS.index(domain)
   plan, num_cams = _domain_plan(cfg, domain)
   cam_rng = np.random.default_rng([cfg.seed, dcode, 1])
-  cams = [sample_camera(cam_rng, domain, i) for i in range(num_cams)]
+  cams = [sample_camera(cam_rng, domain, i, cfg.domain_gap) for i in range(num_cams)]
   id_rng = np.random.default_rng([cfg.seed, dcode, 2])
   idents = {}
   for _, pid, _ in plan:
     if pid not in idents:
-      idents[pid] = sample_identity(id_rng, domain)
+      idents[pid] = sample_identity(id_rng, domain, cfg.domain_gap)
   for d in ('bounding_box_train', 'query', 'bounding_box_test'):
     (out / d).mkdir(parents=True)
   # Per-(identity, camera) tracklet: most images keep one walking direction, like the

@@ -101,11 +101,26 @@ def _colour(rng, palette, weights=None, jitter=18.0):
   return np.clip(c + rng.uniform(-jitter, jitter, 3), 0, 255).astype(np.float32)
 
 
-def sample_identity(rng: np.random.Generator, domain: str) -> dict:
-  """Appearance of one person: the only thing (beyond camera and pose) that decides pixels."""
-  w = _CLOTHES_W[domain]
-  long_sleeve_p = 0.85 if domain == 'b' else 0.5
-  bottom_w = [0.8, 0.1, 0.1] if domain == 'b' else [0.55, 0.3, 0.15]
+def _towards(near, far, gap: float):
+  """`near` moved a share `gap` of the way to `far` (numbers, arrays and tuples of them)."""
+  if isinstance(near, tuple):
+    return tuple(_towards(a, b, gap) for a, b in zip(near, far))
+  if isinstance(near, str):
+    return far
+  if isinstance(near, (int, float)):
+    return near + gap * (far - near)
+  return near + gap * (np.asarray(far, np.float32) - near)
+
+
+def sample_identity(rng: np.random.Generator, domain: str, gap: float = 1.0) -> dict:
+  """Appearance of one person: the only thing (beyond camera and pose) that decides pixels.
+  Domain b's clothing distribution is a's moved a share `gap` towards its own (darker, more long
+  sleeves and trousers)."""
+  w, long_sleeve_p, bottom_w = _CLOTHES_W['a'], 0.5, np.array([0.55, 0.3, 0.15])
+  if domain == 'b':
+    w = _towards(w, _CLOTHES_W['b'], gap)
+    long_sleeve_p = _towards(long_sleeve_p, 0.85, gap)
+    bottom_w = _towards(bottom_w, np.array([0.8, 0.1, 0.1]), gap)
   top = _colour(rng, _CLOTHES, w)
   pattern = ('plain', 'stripes', 'checks')[choice(rng, 3, [0.5, 0.25, 0.25])]
   return dict(
@@ -129,16 +144,18 @@ def sample_identity(rng: np.random.Generator, domain: str) -> dict:
   )
 
 
-def sample_camera(rng: np.random.Generator, domain: str, index: int) -> dict:
-  """Imaging style of one camera of a domain."""
+def sample_camera(rng: np.random.Generator, domain: str, index: int, gap: float = 1.0) -> dict:
+  """Imaging style of one camera of a domain; domain b's style ranges are a's moved a share `gap`
+  towards its own."""
   s = _STYLE[domain]
   if domain == 'b':
+    s = {k: _towards(_STYLE['a'][k], v, gap) for k, v in s.items()}
     # One cool cast for the whole domain plus a mild per-camera variation: the shift is between
     # the domains (what adaptation must bridge); within b, cross-camera matching stays
     # possible, as it is within a. (Per-camera tints as strong as _B_CASTS made b a
     # camera-invariance problem on which no source model rose above chance.)
     cast = (
-        _B_DOMAIN_CAST
+        _towards(np.array([1.04, 1.0, 1.0], np.float32), _B_DOMAIN_CAST, gap)
         * (1.0 + 0.1 * (_B_CASTS[index % len(_B_CASTS)] - 1.0))
         * rng.uniform(0.97, 1.03, 3)
     )
