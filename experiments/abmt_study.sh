@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Why does ABMT not adapt on the synthetic world while MMT does? Every run on the larger target
-# test split (num_test_ids=350: 874 queries, 2,605 gallery images; same training images as the
-# default world), two seeds each, from each run's own source model.
+# Why does ABMT not adapt on the previous synthetic world (generator version 3 settings, pinned
+# below) while MMT does? Every run on its larger target test split (num_test_ids=350: 874 queries,
+# 2,605 gallery images), two seeds each, from each run's own source model. Results:
+# experiments/results_training.md.
 # Usage: [PARALLEL=1] [SEEDS="1 2"] [ONLY=regex] [EXTRA="--config.x=y"] bash experiments/abmt_study.sh
 # (EXTRA is appended to every run's flags, e.g. a longer pre-training; use another RUNS_DIR.)
 # Results: workdirs/abmt_study/<run>_s<seed>/, summarised by experiments/summarise.py.
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 out=${RUNS_DIR:-workdirs/abmt_study}
 mkdir -p "$out"
-big="--config.data.synthetic.num_test_ids=350"
+big="--config.data.synthetic.num_test_ids=350 --config.data.synthetic.domain_gap=1.0 --config.data.crop_pad=10 --config.train.lr=3.5e-4"
 kmeans="--config.cluster.method=kmeans --config.cluster.num_clusters=80"
 runs=(
   "mmt|--config=configs/mmt.py"
@@ -31,7 +32,7 @@ runs=(
 )
 source experiments/launch.sh
 # Generate the larger world once, before parallel runs would all race to make it.
-$PY -c "from jaxreid.data import synthetic; print(synthetic.ensure_world(num_test_ids=350))"
+$PY -c "from jaxreid.data import synthetic; print(synthetic.ensure_world(num_test_ids=350, domain_gap=1.0))"
 for seed in ${SEEDS:-1 2}; do
   for entry in "${runs[@]}"; do
     name=${entry%%|*}_s$seed; flags=${entry#*|}
