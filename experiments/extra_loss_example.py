@@ -3,6 +3,11 @@ margin triplet on each student's features, weighted by a new config field `margi
 
   python -m jaxreid.main --config=experiments/extra_loss_example.py --config.loss.margin_tri=0.5
 
+Whether it beats plain MMT beyond seed noise (docs/usage.md, "Comparing variants over seeds"):
+
+  jaxreid-compare --config=configs/mmt.py --seeds=3 --out=compare/margin --variant=mmt \
+      --variant='margin=--config=experiments/extra_loss_example.py --config.loss.margin_tri=0.5'
+
 The config is MMT's with `config.loss.function` pointing at the function below; the function has
 the signature of every method's loss, `(outputs, labels, weights) -> (total, metrics)`, and gets
 every `config.loss` field as its weights (jaxreid/methods.py). Any MMT ablation still applies,

@@ -492,3 +492,64 @@ def plot_comparison(
     ax.set_axis_off()
   fig.suptitle('comparison: ' + ', '.join(labels))
   return _save(fig, out_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants over seeds (jaxreid-compare)
+
+
+def plot_seed_comparison(
+    values: Mapping[str, Mapping[int, float]],
+    differences: Mapping[str, Mapping[int, float]],
+    intervals: Mapping[str, Sequence[float] | None],
+    out_path: str,
+    *,
+    metric: str = 'mAP',
+    confidence: float = 0.95,
+) -> str:
+  """Variants over seeds (`jaxreid.compare`): left, each variant's per-seed values (one colour
+  per seed) and their mean +- std; right, each variant's per-seed differences from the baseline
+  (the first of `values`) and their mean with its interval (`intervals`, None: fewer than two
+  seeds), against the zero line. Returns `out_path`."""
+  names = list(values)
+  seeds = sorted({s for per_seed in values.values() for s in per_seed})
+  colour = {s: f'C{i % 10}' for i, s in enumerate(seeds)}
+  fig, (left, right) = _new_figure(1, 2, panel_size=(max(4.0, 1.4 * len(names) + 2), 3.6))
+  for i, name in enumerate(names):
+    per_seed = values[name]
+    for j, s in enumerate(seeds):
+      if s in per_seed:
+        x = i - 0.15 + 0.3 * j / max(1, len(seeds) - 1)
+        left.plot(x, per_seed[s], 'o', color=colour[s], label=f'seed {s}' if i == 0 else None)
+    v = np.asarray(list(per_seed.values()), float)
+    std = v.std(ddof=1) if v.size > 1 else 0.0
+    left.errorbar(i + 0.3, v.mean(), yerr=std, fmt='s', color='k', capsize=4)
+  _finish(left, f'{metric} per seed (black: mean ± std)', f'{metric} (%)', xlabel='variant')
+  left.set_xticks(range(len(names)), names)  # after _finish, which sets an integer locator
+  left.set_xlim(-0.6, len(names) - 0.4)
+  others = list(differences)
+  for i, name in enumerate(others):
+    per_seed = differences[name]
+    for j, s in enumerate(seeds):
+      if s in per_seed:
+        x = i - 0.15 + 0.3 * j / max(1, len(seeds) - 1)
+        right.plot(x, per_seed[s], 'o', color=colour[s])
+    mean = float(np.mean(list(per_seed.values())))
+    interval = intervals.get(name)
+    if interval is not None:
+      err = [[mean - interval[0]], [interval[1] - mean]]
+      right.errorbar(i + 0.3, mean, yerr=err, fmt='s', color='k', capsize=4)
+    else:
+      right.plot(i + 0.3, mean, 's', color='k')
+  right.axhline(0.0, color='grey', linestyle='--', linewidth=1)
+  _finish(
+      right,
+      f'minus {names[0]}, paired per seed (black: mean, {confidence * 100:g}% t interval)',
+      f'{metric} difference',
+      xlabel='variant',
+      legend=False,
+  )
+  right.title.set_fontsize(9)
+  right.set_xticks(range(len(others)), others)
+  right.set_xlim(-0.6, max(1, len(others)) - 0.4)
+  return _save(fig, out_path)

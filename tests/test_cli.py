@@ -25,7 +25,7 @@ SHARED_WEIGHTS = os.environ.get(
 OSNET_MSMT = os.path.join(SHARED_WEIGHTS, 'osnet_x0_25_msmt17.pth')  # torchreid, 1041 classes
 needs_osnet = pytest.mark.skipif(not os.path.isfile(OSNET_MSMT), reason=f'no {OSNET_MSMT}')
 # Tools on their own FlagValues (main(argv) in this process) and those on absl's global FLAGS.
-OWN_FLAGS = ('evaluate', 'search', 'convert', 'export', 'plots', 'model_report')
+OWN_FLAGS = ('evaluate', 'search', 'convert', 'export', 'plots', 'model_report', 'compare')
 
 
 def _run(module, *args, cwd=REPO):
@@ -158,6 +158,58 @@ CASES = {
         ['no_run'],
     ),
     'model_report-bad-value': ('jaxreid.tools.model_report', ['--height=tall'], ['--height']),
+    # jaxreid-compare: checked before any run (nothing is written)
+    'compare-one-variant': (
+        'jaxreid.tools.compare',
+        ['--config=configs/mmt.py', '--out={root}/cmp', '--variant=baseline'],
+        ['at least 2'],
+    ),
+    'compare-same-name': (
+        'jaxreid.tools.compare',
+        [
+            '--config=configs/mmt.py',
+            '--out={root}/cmp',
+            '--variant=a',
+            '--variant=a=--config.seed=2',
+        ],
+        ['a is used twice'],
+    ),
+    'compare-bad-seeds': (
+        'jaxreid.tools.compare',
+        [
+            '--config=configs/mmt.py',
+            '--out={root}/cmp',
+            '--variant=a',
+            '--variant=b',
+            '--seeds=1,x',
+        ],
+        ['--seeds=1,x'],
+    ),
+    'compare-missing-config': (
+        'jaxreid.tools.compare',
+        ['--out={root}/cmp', '--variant=a', '--variant=b=--config=configs/mmtt.py'],
+        ['variant a has no config'],
+    ),
+    'compare-unknown-config': (
+        'jaxreid.tools.compare',
+        ['--config=configs/mmtt.py', '--out={root}/cmp', '--variant=a', '--variant=b'],
+        ['configs/mmtt.py not found', 'mmt.py'],
+    ),
+    'compare-config-key-typo': (
+        'jaxreid.tools.compare',
+        [
+            '--config=configs/mmt.py',
+            '--out={root}/cmp',
+            '--variant=a',
+            '--variant=b=--config.loss.tri=0 --config.loss.sofft_tri=0',
+        ],
+        ['variant b', 'config.loss.sofft_tri'],
+    ),
+    'compare-no-out': (
+        'jaxreid.tools.compare',
+        ['--variant=a', '--variant=b'],
+        ['required: --out'],
+    ),
 }
 
 
