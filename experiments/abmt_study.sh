@@ -39,7 +39,7 @@ for seed in ${SEEDS:-1 2}; do
     [[ -n "${ONLY:-}" && ! "$name" =~ ${ONLY} ]] && continue
     # $flags / $EXTRA split into words on purpose (no flag value contains spaces).
     launch "$name" "$out" $PY -m jaxreid.main $flags $big ${EXTRA:-} --config.seed=$seed \
-      --workdir=$out/$name
+      --config.pretrain.seed=$seed --workdir=$out/$name
   done
 done
 wait_all

@@ -16,9 +16,9 @@ runs=(
   "mmt|--config=configs/mmt.py"
   "abmt|--config=configs/abmt.py"
   "abmt_20ep|--config=configs/abmt.py --config.train.epochs=20"
-  "mmt_seed2|--config=configs/mmt.py --config.seed=2"
+  "mmt_seed2|--config=configs/mmt.py --config.seed=2 --config.pretrain.seed=2"
   "mmt_bf16|--config=configs/mmt.py --config.model.dtype=bfloat16"
-  "mmt_bf16_seed2|--config=configs/mmt.py --config.model.dtype=bfloat16 --config.seed=2"
+  "mmt_bf16_seed2|--config=configs/mmt.py --config.model.dtype=bfloat16 --config.seed=2 --config.pretrain.seed=2"
 )
 source experiments/launch.sh
 for entry in "${runs[@]}"; do

@@ -37,6 +37,7 @@ CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
 RESULT_FILE = 'comparison.json'
 PLOT_FILE = 'comparison.png'
+SEED_FIELD = '{seed}'  # in a variant's arguments: the run's seed
 RUN_FILE = 'command.json'  # in each run's work dir: the command that made it (and its time)
 LOG_FILE = 'log.txt'
 TRAINER = ('-m', 'jaxreid.main')
@@ -272,13 +273,15 @@ def plan(
     shared: Sequence[str] = (),
 ) -> list[Run]:
   """Every run, seed-major (seed 1 of every variant, then seed 2, ...), so that an interrupted
-  comparison already has complete pairs."""
+  comparison already has complete pairs. `{seed}` in an argument becomes the run's seed (e.g.
+  `--config.pretrain.seed={seed}`: each seed's own source models)."""
   check_variants(variants)
   runs = []
   for seed in seeds:
     for v in variants:
       workdir = os.path.join(out, v.name, f'seed{seed}')
-      args = variant_args(v, config, shared) + [f'--config.seed={seed}', f'--workdir={workdir}']
+      own = [a.replace(SEED_FIELD, str(seed)) for a in variant_args(v, config, shared)]
+      args = own + [f'--config.seed={seed}', f'--workdir={workdir}']
       runs.append(Run(v.name, seed, workdir, tuple(args)))
   return runs
 

@@ -101,8 +101,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         config,
         source,
         target,
-        config.seed,
-        os.path.join(workdir, f'pretrain_seed{config.seed}'),
+        pretrain_seed(config),
+        os.path.join(workdir, f'pretrain_seed{pretrain_seed(config)}'),
         mesh,
         initial=initial,
     )
@@ -251,6 +251,11 @@ def warm_start_max_branch(
   return jax.device_get(variables)
 
 
+def pretrain_seed(config) -> int:
+  """The source pre-training's seed: `config.pretrain.seed`, or the run's seed when unset."""
+  return config.seed if config.pretrain.get('seed') is None else config.pretrain.seed
+
+
 def source_models(
     config, source, target, workdir, mesh, initial, fresh_extra_block=False
 ) -> list[dict]:
@@ -273,7 +278,7 @@ def source_models(
       initial = warm_start_max_branch(model, initial, target.train, config.seed)
     return [initial] * num
   # MMT pre-trains one model per network with different seeds (docs/reference.md section 3).
-  seeds = [config.seed + k for k in range(num)]
+  seeds = [pretrain_seed(config) + k for k in range(num)]
   return [
       pretrain_lib.pretrain(
           config,

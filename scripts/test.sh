@@ -13,9 +13,6 @@ python3 -m venv .venv
 .venv/bin/pyink --check --quiet jaxreid configs tests experiments
 .venv/bin/ruff check --quiet jaxreid configs tests experiments
 # Two workers (pytest-xdist), a test file each at a time: most of the suite's time is XLA
-# compiling, and one worker leaves part of the 2-core CI machine idle (measured: 40.8 -> 36.1
-# min). The 20 slowest tests are listed at the end: end-to-end runs whose time is XLA compiling
-# their train steps. Clean-clone `.ci/run` of commit dca10c8 with a cold compilation cache,
-# 2026-12-01: 17 min 21 s (tests 15 min 56 s, 314 passed), after the kill -9 tests were chained
-# into one work dir and the ABMT OSNet start-from-torchreid test stopped before training.
+# compiling, which one worker leaves partly idle on a 2-core machine (docs/performance.md, "The
+# test suite"). The 20 slowest tests are listed at the end.
 .venv/bin/python -m pytest -q -n "${JAXREID_TEST_WORKERS:-2}" --dist loadfile --durations=20 "$@"

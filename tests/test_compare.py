@@ -202,6 +202,13 @@ def test_variants_and_their_commands():
   )
   assert runs[3].command[1:3] == ['-m', 'jaxreid.main']
   assert runs[3].log == os.path.join('out', 'margin', 'seed2', 'log.txt')
+  # {seed} in an argument is the run's seed: here each seed pre-trains its own source models
+  own_sources = compare.plan(
+      [base, margin], [2, 5], 'out', 'configs/mmt.py', ['--config.pretrain.seed={seed}']
+  )
+  assert [r.args[1] for r in own_sources] == ['--config.pretrain.seed=2'] * 2 + [
+      '--config.pretrain.seed=5'
+  ] * 2
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base as base_config
 from configs import mmt as mmt_config
 from jaxreid import checkpoint as checkpoint_lib
 from jaxreid import config_checks
@@ -381,3 +382,28 @@ def test_phase_breakdown_of_a_resumed_run_sums_its_sessions():
   assert phases['decoding images'] == 4.0 and phases['source-only evaluation'] == 10.0
   assert phases['training'] == 80.0 + 72.0 + 75.0 and phases['clustering'] == 3.0
   assert phases['evaluation'] is None  # not recorded by these epochs
+
+
+def test_the_run_seed_leaves_the_source_models_fixed(world_cache, tmp_path):
+  """`seed` varies the adaptation only: runs of seeds 2 and 3 pre-train the same two source
+  models (pretrain.seed 1 and 2, bit for bit); pretrain.seed=None makes them follow `seed`."""
+  def source_files(seed, pretrain_seed):
+    config = tiny_config()
+    config.seed = seed
+    config.pretrain.seed = pretrain_seed
+    config.train.epochs = 0
+    workdir = tmp_path / f'seed{seed}_{pretrain_seed}'
+    run.train_and_evaluate(config, str(workdir))
+    return {
+        p.parent.name: p.read_bytes() for p in sorted(workdir.glob('pretrain_seed*/model.msgpack'))
+    }
+
+  seed2, seed3 = source_files(2, 1), source_files(3, 1)
+  assert sorted(seed2) == sorted(seed3) == ['pretrain_seed1', 'pretrain_seed2']
+  assert seed2 == seed3
+  assert seed2['pretrain_seed1'] != seed2['pretrain_seed2']
+  following = source_files(3, None)
+  assert sorted(following) == ['pretrain_seed3', 'pretrain_seed4']
+  assert following['pretrain_seed3'] != seed3['pretrain_seed1']
+  # The pretrain method's run is the pre-training: its seed is the run's.
+  assert base_config.get_config('pretrain').pretrain.seed is None

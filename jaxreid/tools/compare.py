@@ -9,7 +9,10 @@ Each `--variant=NAME[=ARGS]` is a training command: `python -m jaxreid.main` wit
 `--config`, then `--args`, then ARGS (a `--config=` in ARGS replaces the shared one); the first
 variant is the baseline. Every variant runs with every seed of `--seeds` (`3` = seeds 1, 2, 3, or
 a list `1,2,5`) as `--config.seed=S --workdir=OUT/NAME/seedS`, its output in
-OUT/NAME/seedS/log.txt, seed by seed (seed 1 of every variant, then seed 2, ...). Rerunning the
+OUT/NAME/seedS/log.txt, seed by seed (seed 1 of every variant, then seed 2, ...). The seed
+varies the adaptation; every run starts from the same source models (config.pretrain.seed) unless
+the arguments say otherwise: `{seed}` in ARGS or --args becomes the run's seed, so
+`--args='--config.pretrain.seed={seed}'` gives each seed its own source models. Rerunning the
 same command skips the finished runs and resumes an interrupted one; `--dry_run` prints the
 commands.
 
