@@ -387,6 +387,7 @@ def test_phase_breakdown_of_a_resumed_run_sums_its_sessions():
 def test_the_run_seed_leaves_the_source_models_fixed(world_cache, tmp_path):
   """`seed` varies the adaptation only: runs of seeds 2 and 3 pre-train the same two source
   models (pretrain.seed 1 and 2, bit for bit); pretrain.seed=None makes them follow `seed`."""
+
   def source_files(seed, pretrain_seed):
     config = tiny_config()
     config.seed = seed
