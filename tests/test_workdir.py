@@ -36,20 +36,21 @@ def test_rerun_with_another_config_is_refused_and_the_work_dir_untouched(tmp_pat
   workdir_lib.remember_config(c, str(tmp_path))  # the same config: fine
   changed = mmt_config.get_config()
   changed.train.lr = 1e-3
-  changed.train.epochs = 9
+  changed.train.epochs = c.train.epochs + 3
   with pytest.raises(workdir_lib.WorkdirError) as e:
     workdir_lib.remember_config(changed, str(tmp_path), allow_safe_changes=True)
   assert f'train.lr: {c.train.lr} -> 0.001' in str(e.value) and 'new --workdir' in str(e.value)
   assert (tmp_path / 'config.json').read_text() == before
   # more epochs only: refused without the flag, recorded with it
   longer = mmt_config.get_config()
-  longer.train.epochs = 9
+  more = c.train.epochs + 3
+  longer.train.epochs = more
   with pytest.raises(workdir_lib.WorkdirError, match='--allow_safe_changes'):
     workdir_lib.remember_config(longer, str(tmp_path))
   workdir_lib.remember_config(longer, str(tmp_path), allow_safe_changes=True)
-  assert json.loads((tmp_path / 'config.json').read_text())['train']['epochs'] == 9
+  assert json.loads((tmp_path / 'config.json').read_text())['train']['epochs'] == more
   record = json.loads((tmp_path / 'config_changes.jsonl').read_text())
-  assert record['changes'] == ['train.epochs: 6 -> 9']
+  assert record['changes'] == [f'train.epochs: {c.train.epochs} -> {more}']
 
 
 def test_a_finished_run_is_reported_not_redone(tmp_path):
