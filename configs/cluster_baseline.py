@@ -4,6 +4,8 @@ labels with cross-entropy and a softmax triplet, no teacher (MMT with both soft 
   python -m jaxreid.main --config=configs/cluster_baseline.py [--config.seed=2]
   python -m jaxreid.main --config=configs/cluster_baseline.py:dbscan
 
+Cost on a 2-core CPU: 2 min 49 s measured with compilation (seed 1, quiet machine); on this
+world it gains 2.7 to 7.2 target mAP over seeds 1-3 (experiments/results_synthetic.md).
 Real data: configs/<source>2<target>.py:cluster_baseline.
 """
 

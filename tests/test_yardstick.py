@@ -3,8 +3,8 @@
 mAP above its source-only start. A change that breaks adaptation (a loss, the pseudo labels, the
 training loop, the world) fails here, where a unit test of one part would not notice.
 
-The full default gains 13 to 20 mAP on each of seeds 1-3 (docs/results.md, "The built-in synthetic
-default"); this budget keeps the part of the gain that a broken method cannot show.
+The full default's gain on each seed is measured in experiments/results_synthetic.md; this budget
+keeps the part of the gain that a broken method cannot show.
 """
 
 from __future__ import annotations
