@@ -12,11 +12,11 @@ same-camera image pairs that land in one cluster. Results: experiments/results_s
 import argparse
 import json
 import os
-import re
 
 import ml_collections
 import numpy as np
 
+from jaxreid import inference
 from jaxreid import pseudo_labels
 from jaxreid.data import synthetic
 from jaxreid.extractor import FeatureExtractor
@@ -47,8 +47,7 @@ def main():
   world = synthetic.ensure_world(**config['data']['synthetic'])
   folder = world / 'domain_b' / 'bounding_box_train'
   paths = sorted(str(p) for p in folder.glob('*.jpg'))
-  pid = np.array([int(os.path.basename(p)[:4]) for p in paths])
-  cam = np.array([int(re.search(r'_c(\d+)', os.path.basename(p)).group(1)) for p in paths])
+  pid, cam = np.array([inference.parse_market_name(p) for p in paths]).T
   models = sorted(
       os.path.join(args.kmeans_run, d, 'model.msgpack')
       for d in os.listdir(args.kmeans_run)
