@@ -109,6 +109,10 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
           stem_relu=None,
           last_stride=1,
           pooling='avg',
+          # Which tensor each loss reads (jaxreid.models.HEADS, docs/reference.md section 1):
+          # 'bnneck' (triplet losses the embedding, classifier and evaluation a BN neck behind
+          # it) or, for OSNet only, 'fc_pre_bn' (triplet losses the fc's pre-BN Linear output).
+          head='bnneck',
           dropout=0.0,
           dtype='float32',
           norm_group_size=0,
@@ -166,6 +170,10 @@ def get_config(method: str = 'mmt') -> ml_collections.ConfigDict:
           # Coupling diagnostic every epoch (ABMT Fig. 4): one extra feature pass over the
           # target training images per student.
           coupling=True,
+          # Every this many epochs (0 = never), each weighted loss term's share of the gradient
+          # on the epoch's first batch (jaxreid.train.make_gradient_shares): in metrics.jsonl as
+          # grad_share/<term>, in the epoch line and the plots; a term under 1% is warned about.
+          gradient_shares_every=1,
           # Which augmented view each EMA teacher sees; () = the method's own (MMT: its student's;
           # mean teacher: a second view; ABMT: its student's). E.g. (1,) gives ABMT's teacher a view
           # of its own (an ablation, not the reference).

@@ -76,6 +76,7 @@ class Adaptation:
   model: nn.Module  # models.ReIDNet or models.ABMTNet, classifier max_classes wide
   tx: optax.GradientTransformation
   train_chunk: Callable  # train.make_train_chunk: (state, data, idx, idx) -> (state, metrics)
+  gradient_shares: Callable  # jitted train.make_gradient_shares: (state, data, idx) -> shares
   embed_fn: Callable  # features.make_embed_fn: (variables, images) -> features
   mesh: Mesh
   target: DecodedSet
@@ -262,6 +263,11 @@ def train_epoch(adaptation: Adaptation, state, labels: np.ndarray, progress: Pro
   state = state.replace(
       opt_state=train_lib.init_opt_state(adaptation.tx, state.params, adaptation.mesh)
   )
+  shares = {}
+  if tc.gradient_shares_every and epoch % tc.gradient_shares_every == 0:
+    t = time.time()
+    shares = gradient_shares(adaptation, state, data, batch_idx[0])
+    shares['gradient_shares_seconds'] = time.time() - t
   chunk = train_lib.chunk_size(tc.iters, tc.log_every)
   state, metrics, seconds = train_lib.run_epoch(
       adaptation.train_chunk,
@@ -273,7 +279,81 @@ def train_epoch(adaptation: Adaptation, state, labels: np.ndarray, progress: Pro
       epoch,
       chunk,
   )
-  return state, {**metrics, 'train_seconds': seconds, 'lr': float(tc.lr)}
+  return state, {**metrics, **shares, 'train_seconds': seconds, 'lr': float(tc.lr)}
+
+
+def gradient_shares(adaptation: Adaptation, state, data, batch_idx: np.ndarray) -> dict:
+  """Each weighted term's share of the gradient on the batch the epoch starts with, as
+  `grad_share/<term>` (train.make_gradient_shares); a term under 1% is warned about."""
+  idx = distributed.put(batch_idx, train_lib.batch_sharding(adaptation.mesh))
+  shares = train_lib.reported_shares(jax.device_get(adaptation.gradient_shares(state, data, idx)))
+  for line in train_lib.low_share_warnings(shares):
+    log(f'[{adaptation.config.method}] warning: {line}')
+  return {f'{GRAD_SHARE}{t}': s for t, s in shares.items()}
+
+
+GRAD_SHARE = 'grad_share/'
+
+
+def gradient_shares_on(
+    config,
+    students: Sequence[dict],
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    augment: bool = True,
+    mesh: Mesh | None = None,
+) -> dict[str, float]:
+  """Each weighted term's share of the gradient of `config`'s method and loss on one batch, at
+  the start of adaptation (on demand: any model, any labelled or pseudo-labelled batch).
+
+  `students`: each network's variables (one per student network; every teacher a copy);
+  `images` (B, H, W, 3) uint8 and `labels` (B,) int: the batch (e.g. P x K with true
+  identities). The classifier rows are the L2-normalised class means of the students' eval
+  features, as adaptation sets them (docs/reference.md section 3)."""
+  mesh = mesh or train_lib.make_mesh()
+  method, loss = methods_lib.from_config(config)
+  labels = np.asarray(labels, np.int32)
+  num_classes = int(labels.max()) + 1
+  model = models.create_model(config.model, num_classes=num_classes)
+  embed_fn = features_lib.make_embed_fn(model)
+  students = [jax.device_get(resize_classifiers(v, num_classes)) for v in students]
+  centroids = [
+      pseudo_labels.centroids(np.asarray(embed_fn([v], images)), labels, num_classes)
+      for v in students
+  ]
+  # MMT's networks see the mean of both teachers' features at clustering; one batch: their mean
+  centroid = sum(centroids) / len(centroids)
+  students = [models.set_classifier_rows(v, centroid) for v in students]
+  tx = train_lib.make_optimizer(config.train.lr)
+  state = train_lib.create_train_state(method, students, tx, jax.random.PRNGKey(config.seed))
+  state = train_lib.replicate(state, mesh)
+  data = train_lib.replicate(
+      train_lib.EpochData(
+          images=images,
+          labels=labels,
+          class_mask=models.class_mask(num_classes, num_classes),
+          target_images=np.zeros((1,) + images.shape[1:], np.uint8),
+      ),
+      mesh,
+  )
+  fn = train_lib.make_gradient_shares(
+      method,
+      model,
+      loss=loss,
+      erasing_prob=config.train.erasing_prob,
+      crop_pad=config.data.crop_pad,
+      augment=augment,
+      mesh=mesh,
+  )
+  shares = train_lib.jit_gradient_shares(fn, mesh)(state, data, np.arange(len(labels)))
+  return train_lib.reported_shares(jax.device_get(shares))
+
+
+def shares_text(record: dict) -> str:
+  """' | grad ce1 38% tri1 12% ...' for the epoch line ('' when not measured this epoch)."""
+  items = [(k[len(GRAD_SHARE) :], v) for k, v in record.items() if k.startswith(GRAD_SHARE)]
+  return (' | grad ' + ' '.join(f'{t} {v:.0%}' for t, v in items)) if items else ''
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +418,17 @@ def setup(
       model=model,
       tx=tx,
       train_chunk=train_lib.make_train_chunk(step_fn, mesh),
+      gradient_shares=train_lib.jit_gradient_shares(
+          train_lib.make_gradient_shares(
+              method,
+              model,
+              loss=loss,
+              erasing_prob=tc.erasing_prob,
+              crop_pad=config.data.crop_pad,
+              mesh=mesh,
+          ),
+          mesh,
+      ),
       embed_fn=features_lib.make_embed_fn(model, mesh),
       mesh=mesh,
       target=target,
@@ -434,6 +525,7 @@ def adapt(
             else unsupervised_signals(record)
         )
         + (f' | {reporting.results_line(loop.last_results)}' if eval_now else '')
+        + shares_text(record)
         + f' | {time.time() - t_epoch:.1f}s eta {format_duration(progress.eta(epoch))}'
     )
   return finish(adaptation, state, loop, workdir)

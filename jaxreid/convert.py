@@ -123,6 +123,8 @@ def _twin_key(path, fmt: str) -> str | None:
   leaf = _LEAF_NAMES[leaf]
   if top == 'max_branch' and mid[0] == 'extra':
     return None
+  if top.endswith('neck') and mid[:1] == ['bn']:
+    return None  # the BN neck behind OSNet's fc (head 'bnneck'): torchreid has none
   if fmt == 'torchreid':
     if top in ('backbone', 'avg_branch', 'max_branch', 'neck', 'avg_neck', 'max_neck'):
       return '.'.join([osnet.torch_name(m) for m in mid] + [leaf])

@@ -3,9 +3,13 @@
 
 `torch_state_dict(model, variables, fmt)` gives the state dict and loading notes:
 torchreid (OSNet): the state dict of `torchreid.models.osnet_x0_25(num_classes=K)` (the variant
-and K are in the notes); `load_state_dict(..., strict=True)` accepts it and the network's eval
-output is jaxreid's feature before L2 normalisation (the classifier holds the cluster centroids,
-bias 0). torchvision (MobileNetV2): the state dict of
+and K are in the notes); `load_state_dict(..., strict=True)` accepts it. The network's eval output
+is its fc embedding: with the head 'bnneck' that is the input of jaxreid's BN neck, which torchreid
+has no place for, so the file's feature is the embedding the triplet losses trained and jaxreid's
+own evaluation reads the neck's per-dimension standardisation of it (the notes say so; evaluating
+the file, e.g. `jaxreid-evaluate --model=model.pth`, scores the file's feature); with 'fc_pre_bn'
+it is jaxreid's feature before L2 normalisation. The classifier holds the cluster centroids, the
+neck folded into its weight and bias, so its logits are jaxreid's. torchvision (MobileNetV2): the state dict of
 `torchvision.models.mobilenet_v2(num_classes=1280)` whose classifier Linear is jaxreid's BN neck
 folded into a diagonal matrix and a bias, so `model(x)` is jaxreid's feature before L2
 normalisation. A model trained with last stride 1 needs `model.features[14].conv[1][0].stride =
@@ -87,28 +91,32 @@ def torch_state_dict(model, variables: dict, fmt: str) -> tuple[dict, list[str]]
     top, leaf = path[1], path[-1]
     if kind == 'mobilenetv2' and top in ('neck', 'classifier'):
       continue  # the neck is folded into the classifier below; the cluster classifier dropped
+    if kind == 'osnet' and (top == 'classifier' or (top == 'neck' and path[2] == 'bn')):
+      continue  # the BN neck behind the fc, folded with the classifier below
     key = convert._twin_key(path, src_fmt)  # pylint: disable=protected-access
     if key is None:
       raise ExportError(f'{"/".join(path)} has no place in the {fmt} network')
-    if top == 'classifier':
-      value = np.asarray(value)  # (D, K) -> torch (K, D); bias 0 (jaxreid classifiers have none)
-      sd['classifier.bias'] = np.zeros(value.shape[1], np.float32)
     if leaf in ('mean', 'var'):
       bn_prefixes.add(key.rsplit('.', 1)[0])
     sd[key] = _torch_value(value, leaf)
   for prefix in bn_prefixes:
     sd[f'{prefix}.num_batches_tracked'] = np.zeros((), np.int64)
   if kind == 'osnet':
-    k = sd['classifier.weight'].shape[0]
+    kernel = np.asarray(variables['params']['classifier']['kernel'], np.float64)  # (D, K)
+    bias = np.zeros(kernel.shape[1])
+    if model.head == 'bnneck':
+      a, mean = _neck_affine(variables, ('neck', 'bn'))
+      kernel, bias = a[:, None] * kernel, -(a * mean) @ kernel  # W^T ((v - mean) * a)
+    sd['classifier.weight'] = np.ascontiguousarray(kernel.T, np.float32)
+    sd['classifier.bias'] = bias.astype(np.float32)
+    k = kernel.shape[1]
     notes.append(
         f'load with torchreid.models.build_model("{model.backbone}", num_classes={k}) '
         f'(or {model.backbone}(num_classes={k})), then load_state_dict(sd, strict=True)'
     )
+    notes.append(OSNET_FEATURE_NOTE[model.head])
   else:
-    scale = np.asarray(variables['params']['neck']['scale'], np.float64)
-    mean = np.asarray(variables['batch_stats']['neck']['mean'], np.float64)
-    var = np.asarray(variables['batch_stats']['neck']['var'], np.float64)
-    a = scale / np.sqrt(var + 1e-5)  # jaxreid's eval-mode neck: (x - mean) * a
+    a, mean = _neck_affine(variables, ('neck',))
     sd['classifier.1.weight'] = np.diag(a).astype(np.float32)
     sd['classifier.1.bias'] = (-mean * a).astype(np.float32)
     notes.append(
@@ -123,9 +131,31 @@ def torch_state_dict(model, variables: dict, fmt: str) -> tuple[dict, list[str]]
       )
   notes.append(
       'inputs: RGB, ImageNet mean/std normalised, the training size; L2-normalise the '
-      "output to get jaxreid's features"
+      'output before comparing features'
   )
   return sd, notes
+
+
+# What the exported OSNet file's feature is, per head (models.HEADS).
+OSNET_FEATURE_NOTE = {
+    'bnneck': (
+        'feature: model(x) is the 512-d fc embedding (post-BN-ReLU), the one the triplet losses '
+        "trained; jaxreid's own evaluation reads the BN neck behind it, which torchreid has no "
+        "place for (jaxreid-evaluate --model=<this file> scores the file's feature)"
+    ),
+    'fc_pre_bn': "feature: model(x) is the 512-d fc embedding, jaxreid's evaluation feature",
+}
+
+
+def _neck_affine(variables: dict, path: tuple) -> tuple[np.ndarray, np.ndarray]:
+  """(a, mean) of a bias-free eval-mode BN neck, which computes (x - mean) * a."""
+  params, stats = variables['params'], variables['batch_stats']
+  for key in path:
+    params, stats = params[key], stats[key]
+  scale = np.asarray(params['scale'], np.float64)
+  mean = np.asarray(stats['mean'], np.float64)
+  var = np.asarray(stats['var'], np.float64)
+  return scale / np.sqrt(var + 1e-5), mean
 
 
 def write_torch_file(model, variables: dict, fmt: str, path: str) -> tuple[int, list[str]]:

@@ -124,7 +124,8 @@ def guess_architecture(variables: Mapping) -> dict | None:
     if 'conv2_0' in trunk:
       c0 = int(np.shape(trunk['conv1']['conv']['kernel'])[-1])
       backbone = next(n for n, c in osnet.CHANNELS.items() if c[0] == c0)
-      return dict(arch=arch, backbone=backbone)
+      neck = params['avg_neck' if arch == 'abmt' else 'neck']
+      return dict(arch=arch, backbone=backbone, head='bnneck' if 'bn' in neck else 'fc_pre_bn')
     width = int(np.shape(trunk['conv1']['kernel'])[-1])
     counts = [0, 0, 0, 0]
     blocks = dict(trunk)
@@ -256,6 +257,8 @@ def load_model(path: str, overrides: Mapping[str, Any] | None = None) -> LoadedM
   why = 'no config.json found' if config_path is None else f'{config_path} has no model section'
   if model_cfg:
     source = config_path
+    if 'head' not in model_cfg and guess is not None and 'head' in guess:
+      model_cfg['head'] = guess['head']  # a work dir written before the head field existed
   elif guess is not None:
     model_cfg.update(guess)
     source = f"the weights' shapes ({why})"

@@ -13,8 +13,9 @@ A loss function is plain: `loss(outputs, labels, weights) -> (total, metrics)`, 
 * `labels` is a `Labels(ids, class_mask)`: (B,) int32 pseudo / source labels (< 0 = noise) and
   the (C,) bool mask of active classifier rows (docs/reference.md section 3);
 * `weights` is a dict of Python floats (static under `jit`): a term of weight 0 is never computed.
-The metrics hold `loss/<term>` (unweighted), `loss/total`, and for the triplet losses
-`prec/<network>` (triplet precision of that network's features) and `anchors`.
+The metrics hold `loss/<term>` (unweighted), `weighted/<term>` (weighted: what the gradient
+diagnostics split the gradient by), `loss/total`, and for the triplet losses `prec/<network>`
+(triplet precision of that network's features) and `anchors`.
 
 Weights: every term has a name and a group (`ce`, `tri`, `soft_ce`, `soft_tri`); its weight is
 `weights[term name]` when set, else `weights[group]` (MMT derives its groups from its two
@@ -51,6 +52,10 @@ class Labels(NamedTuple):
   class_mask: jax.Array  # (C,) bool
 
 
+# Metrics prefix of a weighted term w_t L_t: the gradient diagnostics split the total by these
+# (`jaxreid.train.make_gradient_shares`); a loss of your own names its added terms the same way.
+WEIGHTED = 'weighted/'
+
 LossFn = Callable[[Mapping[str, jax.Array], Labels, Mapping[str, float]], tuple]
 
 
@@ -62,7 +67,9 @@ def weighted_sum(
     terms: Mapping[str, tuple[str, Callable[[], jax.Array]]], weights: Mapping[str, Any]
 ) -> tuple[jax.Array, dict]:
   """sum_t w_t L_t over `terms` {name: (group, thunk)}; w_t = weights[name] if set, else
-  weights[group]. Terms of weight 0 are not evaluated. Returns (total float32, metrics)."""
+  weights[group]. Terms of weight 0 are not evaluated. Returns (total float32, metrics): the
+  metrics hold `loss/<term>` (L_t) and `weighted/<term>` (w_t L_t, which the gradient
+  diagnostics read and the training step leaves out of its logged metrics)."""
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for name, (group, value_fn) in terms.items():
@@ -74,7 +81,8 @@ def weighted_sum(
     if value.shape != ():
       raise ValueError(f'loss term {name!r} returned shape {value.shape}, expected a scalar')
     metrics[f'loss/{name}'] = value
-    total = total + weight * value.astype(jnp.float32)
+    metrics[f'{WEIGHTED}{name}'] = weight * value.astype(jnp.float32)
+    total = total + metrics[f'{WEIGHTED}{name}']
   metrics['loss/total'] = total
   return total, metrics
 

@@ -63,6 +63,11 @@ RESNET_SPECS = {
 }
 _EXPANSION = {'basic': 1, 'bottleneck': 4}
 POOLINGS = ('avg', 'max', 'gem')
+# Which tensor each loss reads (docs/reference.md section 1): 'bnneck' (every backbone) gives the
+# triplet losses the pooled feature (OSNet: its fc embedding) and the classifier and evaluation a
+# BN neck behind it; 'fc_pre_bn' (OSNet only) gives the triplet losses the fc's Linear output
+# before its BatchNorm and the classifier and evaluation the fc embedding.
+HEADS = ('bnneck', 'fc_pre_bn')
 GEM_P = 3.0  # fixed (not learned) GeM exponent; no reference run uses GeM
 
 
@@ -234,6 +239,10 @@ def _check_fields(m):
     raise ValueError(f'unsupported ResNet depth {m.depth}; choose from {sorted(RESNET_SPECS)}')
   if m.pooling not in POOLINGS:
     raise ValueError(f'pooling must be one of {POOLINGS}, got {m.pooling!r}')
+  if m.head not in HEADS:
+    raise ValueError(f'head must be one of {HEADS}, got {m.head!r}')
+  if m.head == 'fc_pre_bn' and not m.backbone.startswith('osnet'):
+    raise ValueError(f"head 'fc_pre_bn' is OSNet's (its fc block); {m.backbone} has 'bnneck' only")
   if m.num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {m.num_classes}')
 
@@ -252,6 +261,7 @@ class _ReIDFields(nn.Module):
   stem_relu: bool | None = None  # None -> False for plain ResNet (MMT), True for IBN-a
   last_stride: int = 1
   pooling: str = 'avg'
+  head: str = 'bnneck'
   num_classes: int = 1024
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
@@ -293,12 +303,14 @@ class _ReIDFields(nn.Module):
         name=name,
     )
 
-  def head(self, name: str, f: Array, train: bool):
+  def reid_head(self, name: str, f: Array, train: bool):
     """Pooled feature -> (features for triplet losses, neck output for the classifier and
-    evaluation). ResNet / MobileNetV2: f and BN(f) (bias-free BN neck); OSNet: torchreid's
-    fc Linear output and BN + ReLU of it (`osnet.OSNetEmbedding`)."""
+    evaluation), as `head` says (HEADS). ResNet / MobileNetV2: f and BN(f) (bias-free BN neck);
+    OSNet: torchreid's fc embedding and a BN neck of it, or ('fc_pre_bn') the fc's Linear output
+    and the fc embedding (`osnet.OSNetEmbedding`)."""
     if self.backbone.startswith('osnet'):
-      return osnet.OSNetEmbedding(self.norm_group_size, name=name)(f, train)
+      bn_neck = self.head == 'bnneck'
+      return osnet.OSNetEmbedding(self.norm_group_size, bn_neck, name=name)(f, train)
     return f, _neck(name, train, self.norm_group_size)(f)
 
 
@@ -316,19 +328,28 @@ class ReIDNet(_ReIDFields):
                  (apply with `mutable=['batch_stats']`, rng 'dropout' if dropout > 0)
   train=False -> (B, D) float32 L2-normalised neck output.
   `num_classes` is a fixed maximum width; inactive rows are masked by the losses (`class_mask`).
+  `pooled_offset` (1, B, pooled_dim), if given, is added to the pooled trunk feature, which the
+  train output then also holds ('pooled'): at zero it changes nothing, and a loss's gradient
+  with respect to it is the gradient with respect to that feature
+  (`jaxreid.train.make_gradient_shares`).
   """
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False):
+  def __call__(self, x: Array, train: bool = False, pooled_offset: Array | None = None):
     _check_fields(self)
     fmap = self.trunk('backbone')(x, train)
-    f, bn_f = self.head('neck', global_pool(fmap, self.pooling), train)
+    pooled = global_pool(fmap, self.pooling)
+    if pooled_offset is not None:
+      pooled = pooled + pooled_offset[0]
+    f, bn_f = self.reid_head('neck', pooled, train)
     if not train and not self.is_initializing():
       return l2_normalize(bn_f)
     h = nn.Dropout(self.dropout, deterministic=not train)(bn_f) if self.dropout > 0 else bn_f
     z = _classifier('classifier', self.num_classes)(h)
     if not train:  # initialisation in eval mode: the classifier params exist, output is eval's
       return l2_normalize(bn_f)
+    if pooled_offset is not None:
+      return {'features': f, 'logits': z, 'pooled': pooled}
     return {'features': f, 'logits': z}
 
 
@@ -341,21 +362,21 @@ class ABMTNet(_ReIDFields):
   `max_classifier`. `pooling` is ignored (fixed avg / max per branch).
   train=True  -> {'avg/features', 'avg/logits', 'max/features', 'max/logits'} (float32)
   train=False -> (B, 2D) concat of the neck outputs [avg, max], jointly L2-normalised.
+  `pooled_offset` (2, B, pooled_dim): as ReIDNet's, [0] for the avg branch, [1] for the max
+  ('avg/pooled', 'max/pooled').
   """
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False):
+  def __call__(self, x: Array, train: bool = False, pooled_offset: Array | None = None):
     _check_fields(self)
     last = branch_stage(self.backbone)
     t = self.trunk('backbone', stages=tuple(range(last)))(x, train)
-    fa, bn_a = self.head(
-        'avg_neck', global_pool(self.trunk('avg_branch', (last,))(t, train), 'avg'), train
-    )
-    fm, bn_m = self.head(
-        'max_neck',
-        global_pool(self.trunk('max_branch', (last,), extra=True)(t, train), 'max'),
-        train,
-    )
+    pa = global_pool(self.trunk('avg_branch', (last,))(t, train), 'avg')
+    pm = global_pool(self.trunk('max_branch', (last,), extra=True)(t, train), 'max')
+    if pooled_offset is not None:
+      pa, pm = pa + pooled_offset[0], pm + pooled_offset[1]
+    fa, bn_a = self.reid_head('avg_neck', pa, train)
+    fm, bn_m = self.reid_head('max_neck', pm, train)
     if not train and not self.is_initializing():
       return l2_normalize(jnp.concatenate([bn_a, bn_m], axis=-1))
     if self.dropout > 0:
@@ -367,7 +388,10 @@ class ABMTNet(_ReIDFields):
     zm = _classifier('max_classifier', self.num_classes)(hm)
     if not train:
       return l2_normalize(jnp.concatenate([bn_a, bn_m], axis=-1))
-    return {'avg/features': fa, 'avg/logits': za, 'max/features': fm, 'max/logits': zm}
+    out = {'avg/features': fa, 'avg/logits': za, 'max/features': fm, 'max/logits': zm}
+    if pooled_offset is not None:
+      out.update({'avg/pooled': pa, 'max/pooled': pm})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,6 +406,7 @@ MODEL_FIELDS = (
     'stem_relu',
     'last_stride',
     'pooling',
+    'head',
     'num_classes',
     'dropout',
     'dtype',
@@ -426,6 +451,20 @@ def feature_dim(model) -> int:
     return mobilenetv2.FEATURE_DIM
   block, _ = RESNET_SPECS[model.depth]
   return 8 * model.width * _EXPANSION[block]
+
+
+def pooled_dim(model) -> int:
+  """Channels of the pooled trunk feature, the input of the head (OSNet x0.25: 128)."""
+  if model.backbone.startswith('osnet'):
+    return osnet.CHANNELS[model.backbone][3]
+  if model.backbone == 'mobilenetv2':
+    return mobilenetv2.FEATURE_DIM
+  return feature_dim(model)
+
+
+def num_heads(model) -> int:
+  """Re-ID heads (pooled features) per network: 2 for ABMTNet's branches, else 1."""
+  return 2 if isinstance(model, ABMTNet) else 1
 
 
 def embedding_dim(model) -> int:

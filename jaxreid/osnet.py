@@ -11,10 +11,13 @@ that ABMT can share the first ones and duplicate the last (`models.ABMTNet`):
   stage 2: conv3 = 2 OSBlocks + transition
   stage 3: conv4 = 2 OSBlocks, conv5 (1x1 conv + BN + ReLU)   (ABMT's branch stage)
 
-A 256x128 input gives a 16x8 map. The embedding head (`OSNetEmbedding`, torchreid's `fc`:
-Linear(C, 512) + BatchNorm1d + ReLU) is the network's BN neck: triplet losses read the Linear
-output before the BN, cross-entropy and evaluation the output after BN + ReLU, so the eval feature
-is torchreid's own 512-d feature (L2-normalised).
+A 256x128 input gives a 16x8 map. The embedding head (`OSNetEmbedding`) is torchreid's `fc`
+(Linear(C, 512) + BatchNorm1d + ReLU) and, with the default head 'bnneck', a bias-free BN neck
+behind it: triplet losses read the 512-d fc embedding (the feature torchreid's own triplet loss
+reads), the classifier and evaluation the neck's output, as MMT's ResNet head does. The head
+'fc_pre_bn' has no neck: triplet losses read the Linear output before the fc's BatchNorm, the
+classifier and evaluation the fc embedding (docs/reference.md section 1 says why the default
+differs).
 """
 
 from __future__ import annotations
@@ -156,12 +159,14 @@ class OSNetTrunk(nn.Module):
 
 
 class OSNetEmbedding(nn.Module):
-  """torchreid's `fc`: Linear(C, 512) (`fc_0`) -> BatchNorm1d (`fc_1`, with bias) -> ReLU.
+  """torchreid's `fc`: Linear(C, 512) (`fc_0`) -> BatchNorm1d (`fc_1`, with bias) -> ReLU, then
+  with `bn_neck` a bias-free BatchNorm1d (`bn`, the BN neck).
 
-  Returns (pre-BN Linear output, post-BN-ReLU embedding): the re-ID head's (features, neck
-  output) pair, float32."""
+  Returns the re-ID head's (triplet feature, neck output) pair, float32: (fc embedding, BN neck
+  of it) with `bn_neck`, else (the Linear output before the fc's BN, the fc embedding)."""
 
   norm_group_size: int = 0
+  bn_neck: bool = True
 
   @nn.compact
   def __call__(self, f: Array, train: bool = False):
@@ -172,5 +177,7 @@ class OSNetEmbedding(nn.Module):
         param_dtype=jnp.float32,
         name='fc_0',
     )(f.astype(jnp.float32))
-    y = batch_norm('fc_1', train, jnp.float32, self.norm_group_size)(z)
-    return z, nn.relu(y)
+    v = nn.relu(batch_norm('fc_1', train, jnp.float32, self.norm_group_size)(z))
+    if not self.bn_neck:
+      return z, v
+    return v, batch_norm('bn', train, jnp.float32, self.norm_group_size, use_bias=False)(v)

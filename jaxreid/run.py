@@ -224,7 +224,8 @@ def warm_start_max_branch(
   into one cluster; docs/reference.md section 9). So the extra block starts as an identity
   (its last BN's scale and bias 0; it still learns) and the max branch's BatchNorm statistics (its copied
   last stage after max pooling, and its neck) are re-estimated on target images in train mode, no
-  gradient; the shared trunk and the avg branch are untouched, so the avg branch is exactly the
+  gradient (OSNet's BN neck behind the fc keeps the identity statistics the avg branch starts
+  with); the shared trunk and the avg branch are untouched, so the avg branch is exactly the
   given model."""
   flat = traverse_util.flatten_dict(variables)
   last_bn = {'resnet': 'bn3', 'mobilenetv2': 'project'}.get(model.backbone, 'conv3')
@@ -239,6 +240,8 @@ def warm_start_max_branch(
     stats = dict(v['batch_stats'])
     for key in ('max_branch', 'max_neck'):
       stats[key] = new['batch_stats'][key]
+    if 'bn' in stats['max_neck']:  # OSNet's BN neck stays as the avg branch's (identity)
+      stats['max_neck'] = {**stats['max_neck'], 'bn': v['batch_stats']['max_neck']['bn']}
     return {**v, 'batch_stats': stats}
 
   rng = np.random.default_rng([seed, 12345])

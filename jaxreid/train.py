@@ -32,6 +32,7 @@ import optax
 from jaxreid import distributed
 from jaxreid import input_pipeline
 from jaxreid import methods as methods_lib
+from jaxreid import models
 from jaxreid.metrics_writer import Progress
 from jaxreid.metrics_writer import log
 
@@ -208,52 +209,15 @@ def make_train_step(
   """
   loss = loss or methods_lib.objective(method)
   names = method.networks
-  batch_spec = NamedSharding(mesh, P('data')) if mesh is not None else None
-
-  def constrain(x):
-    return jax.lax.with_sharding_constraint(x, batch_spec) if batch_spec is not None else x
-
-  def forward(variables, x, key):
-    out, updates = model.apply(
-        variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': key}
-    )
-    return out, updates['batch_stats']
+  batch = _make_batch(method, crop_pad, erasing_prob, augment, mesh)
 
   def step(state: TrainState, data: EpochData, batch_idx, target_idx):
-    rng, aug_key, drop_key, target_key = jax.random.split(state.rng, 4)
-    images = constrain(data.images[batch_idx])
-    labels = methods_lib.Labels(data.labels[batch_idx], data.class_mask)
-    if augment:
-      views = [
-          constrain(input_pipeline.augment(k, images, pad=crop_pad, erasing_prob=erasing_prob))
-          for k in jax.random.split(aug_key, method.num_views)
-      ]
-    else:
-      views = [constrain(input_pipeline.normalize(images))] * method.num_views
-    drop_keys = jax.random.split(drop_key, 2 * len(names))
-
-    outputs = {}
-    teacher_stats = {}
-    if method.ema:
-      for i, name in enumerate(names):
-        out, teacher_stats[name] = forward(
-            state.variables(name, teacher=True),
-            views[method.teacher_views[i]],
-            drop_keys[len(names) + i],
-        )
-        outputs.update(_flatten_outputs(f'teacher{i + 1}', jax.lax.stop_gradient(out)))
+    rng, _, _, target_key = jax.random.split(state.rng, 4)  # `batch` takes the middle two
+    views, labels, drop_keys, outputs, teacher_stats = batch(model, state, data, batch_idx)
 
     def loss_fn(params):
-      outs = dict(outputs)
-      new_stats = {}
-      for i, name in enumerate(names):
-        out, new_stats[name] = forward(
-            {'params': params[name], 'batch_stats': state.batch_stats[name]},
-            views[method.student_views[i]],
-            drop_keys[i],
-        )
-        outs.update(_flatten_outputs(f'student{i + 1}', out))
-      loss_value, metrics = loss(outs, labels)
+      outs, new_stats = _student_outputs(model, method, state, params, views, drop_keys)
+      loss_value, metrics = loss({**outputs, **outs}, labels)
       return loss_value, (metrics, new_stats)
 
     (_, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -261,11 +225,14 @@ def make_train_step(
     if target_bn_pass:
       # Pre-training: a no-grad train-mode forward of a target batch so that the BN running
       # statistics also see the target domain (before the update, as the reference does).
-      t_images = constrain(data.target_images[target_idx])
+      t_images = _constrain(data.target_images[target_idx], mesh)
       t_view = input_pipeline.augment(target_key, t_images, pad=crop_pad, erasing_prob=erasing_prob)
       for name in names:
-        _, new_stats[name] = forward(
-            {'params': state.params[name], 'batch_stats': new_stats[name]}, t_view, target_key
+        _, new_stats[name] = _forward(
+            model,
+            {'params': state.params[name], 'batch_stats': new_stats[name]},
+            t_view,
+            target_key,
         )
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -276,7 +243,7 @@ def make_train_step(
       teacher_params = jax.tree.map(
           lambda t, s: alpha * t + (1.0 - alpha) * s, state.teacher_params, params
       )
-    metrics = dict(metrics)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith(WEIGHTED)}
     metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     # 1.0 when every parameter and running statistic is finite: a finite loss can still come with
     # a NaN gradient (lr far too high) that poisons the parameters; checked per chunk by the
@@ -298,6 +265,173 @@ def make_train_step(
     return new_state, metrics
 
   return step
+
+
+def _constrain(x, mesh):
+  """The batch axis sharded over the mesh (no-op without one)."""
+  return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P('data')))
+
+
+def _forward(model, variables, x, key, pooled_offset=None):
+  out, updates = model.apply(
+      variables,
+      x,
+      train=True,
+      pooled_offset=pooled_offset,
+      mutable=['batch_stats'],
+      rngs={'dropout': key},
+  )
+  return out, updates['batch_stats']
+
+
+def _make_batch(method, crop_pad, erasing_prob, augment, mesh):
+  """`batch(model, state, data, batch_idx) -> (views, labels, student dropout keys, teacher
+  outputs, teacher BN statistics)`: what one step reads before the students' forward. The keys
+  come from `state.rng` (the step advances it; the gradient shares read the same batch)."""
+  names = method.networks
+
+  def batch(model, state, data, batch_idx):
+    _, aug_key, drop_key, _ = jax.random.split(state.rng, 4)
+    images = _constrain(data.images[batch_idx], mesh)
+    labels = methods_lib.Labels(data.labels[batch_idx], data.class_mask)
+    if augment:
+      views = [
+          _constrain(
+              input_pipeline.augment(k, images, pad=crop_pad, erasing_prob=erasing_prob), mesh
+          )
+          for k in jax.random.split(aug_key, method.num_views)
+      ]
+    else:
+      views = [_constrain(input_pipeline.normalize(images), mesh)] * method.num_views
+    drop_keys = jax.random.split(drop_key, 2 * len(names))
+    outputs, teacher_stats = {}, {}
+    if method.ema:
+      for i, name in enumerate(names):
+        out, teacher_stats[name] = _forward(
+            model,
+            state.variables(name, teacher=True),
+            views[method.teacher_views[i]],
+            drop_keys[len(names) + i],
+        )
+        outputs.update(_flatten_outputs(f'teacher{i + 1}', jax.lax.stop_gradient(out)))
+    return views, labels, drop_keys[: len(names)], outputs, teacher_stats
+
+  return batch
+
+
+def _student_outputs(model, method, state, params, views, drop_keys, pooled_offsets=None):
+  """Every student's train-mode outputs ('student1/features', ...) and new BN statistics."""
+  outs, new_stats = {}, {}
+  for i, name in enumerate(method.networks):
+    out, new_stats[name] = _forward(
+        model,
+        {'params': params[name], 'batch_stats': state.batch_stats[name]},
+        views[method.student_views[i]],
+        drop_keys[i],
+        None if pooled_offsets is None else pooled_offsets[name],
+    )
+    outs.update(_flatten_outputs(f'student{i + 1}', out))
+  return outs, new_stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient diagnostics
+
+WEIGHTED = methods_lib.WEIGHTED  # metrics prefix of a loss's weighted terms
+OTHER_TERM = 'other'  # what a loss adds to its total beyond its named weighted terms
+LOW_SHARE = 0.01  # a term under 1% of the gradient is flagged
+
+
+def make_gradient_shares(
+    method: methods_lib.Method,
+    model,
+    *,
+    loss: Callable | None = None,
+    erasing_prob: float = 0.5,
+    crop_pad: int = 10,
+    augment: bool = True,
+    mesh: Mesh | None = None,
+) -> Callable:
+  """`shares(state, data, batch_idx) -> {term: share}` (pure, unjitted): how much of the gradient
+  each weighted loss term carries on the batch the next training step would see.
+
+  The gradient of each weighted term w_t L_t is taken with respect to the pooled trunk features
+  p_h of every student network and branch h (the one tensor every term flows through: the
+  triplet terms through the embedding, the classification terms through the neck and
+  classifier); n_t = sqrt(sum_h |g_t,h|^2 |p_h|^2) (a parameter gradient upstream of p_h scales
+  with both: branches whose features differ in scale, ABMT's max pooling, compare as their
+  trunks' gradients do), and share_t = n_t / sum_s n_s. The terms are the loss's `weighted/<term>` metrics
+  (`methods.weighted_sum` writes them; a custom loss built on a method's loss inherits them);
+  whatever the total holds beyond them is the term 'other'. Nothing is updated.
+  """
+  loss = loss or methods_lib.objective(method)
+  batch = _make_batch(method, crop_pad, erasing_prob, augment, mesh)
+  shape = (models.num_heads(model), None, models.pooled_dim(model))
+  heads = ('avg/', 'max/') if shape[0] == 2 else ('',)
+
+  def shares(state: TrainState, data: EpochData, batch_idx):
+    views, labels, drop_keys, outputs, _ = batch(model, state, data, batch_idx)
+    zeros = {
+        n: jnp.zeros((shape[0], batch_idx.shape[0], shape[2]), jnp.float32) for n in method.networks
+    }
+
+    def weighted_terms(offsets):
+      outs, _ = _student_outputs(model, method, state, state.params, views, drop_keys, offsets)
+      pooled = {
+          n: jnp.stack([outs[f'student{i + 1}/{h}pooled'] for h in heads])
+          for i, n in enumerate(method.networks)
+      }
+      outs = {k: v for k, v in outs.items() if not k.endswith('pooled')}
+      total, metrics = loss({**outputs, **outs}, labels)
+      terms = {k[len(WEIGHTED) :]: v for k, v in metrics.items() if k.startswith(WEIGHTED)}
+      terms[OTHER_TERM] = total - sum(terms.values())
+      return terms, pooled
+
+    jac, pooled = jax.jacrev(weighted_terms, has_aux=True)(zeros)
+    # |g| of each head scaled by that head's |pooled feature|: a parameter gradient upstream
+    # scales with both, so heads whose features differ in scale (ABMT's max pooling) compare.
+    scale = {n: jnp.sqrt(jnp.sum(jnp.square(p), axis=(1, 2))) for n, p in pooled.items()}
+    norms = {
+        t: jnp.sqrt(
+            sum(jnp.sum(jnp.square(g), axis=(1, 2)) @ jnp.square(scale[n]) for n, g in tree.items())
+        )
+        for t, tree in jac.items()
+    }
+    total = sum(norms.values())
+    return {t: n / jnp.maximum(total, 1e-30) for t, n in norms.items()}
+
+  return shares
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """A (B,) index array sharded over the mesh's batch axis."""
+  return NamedSharding(mesh, P('data'))
+
+
+def jit_gradient_shares(shares_fn: Callable, mesh: Mesh) -> Callable:
+  """`make_gradient_shares`' function jitted over the mesh (state and data replicated, the
+  batch indices sharded), returning replicated shares."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(
+      shares_fn,
+      in_shardings=(replicated, replicated, batch_sharding(mesh)),
+      out_shardings=replicated,
+  )
+
+
+def low_share_warnings(shares: Mapping[str, float], threshold: float = LOW_SHARE) -> list[str]:
+  """One line per named term under `threshold` of the gradient (the remainder 'other' is
+  reported only when it is a term of its own, above 0.1%: below, it is rounding)."""
+  return [
+      f'{t} carries {s:.1%} of the gradient: its input may be mis-scaled'
+      for t, s in shares.items()
+      if t != OTHER_TERM and s < threshold
+  ]
+
+
+def reported_shares(shares: Mapping[str, float]) -> dict[str, float]:
+  """The shares worth a record: every named term, and 'other' when above 0.1%."""
+  return {t: float(s) for t, s in shares.items() if t != OTHER_TERM or s > 1e-3}
 
 
 def make_train_chunk(step_fn: Callable, mesh: Mesh, *, use_scan: bool | None = None) -> Callable:

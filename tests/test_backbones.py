@@ -227,25 +227,73 @@ def _trained_looking(model, seed=0):
   return traverse_util.unflatten_dict(flat)
 
 
-def test_export_osnet_round_trip_into_the_torchreid_network(tmp_path):
+def _without_bn_neck(variables):
+  """OSNet variables of head 'bnneck' less the BN neck: those of head 'fc_pre_bn', whose eval
+  feature is the fc embedding."""
+  return {
+      c: {**tree, 'neck': {k: v for k, v in tree['neck'].items() if k != 'bn'}}
+      for c, tree in variables.items()
+  }
+
+
+@pytest.mark.parametrize('head', models.HEADS)
+def test_export_osnet_round_trip_into_the_torchreid_network(tmp_path, head):
   torch = pytest.importorskip('torch')
   import torch_reference as tr
 
-  model = models.create_model(backbone='osnet_x0_25', num_classes=5)
+  model = models.create_model(backbone='osnet_x0_25', num_classes=5, head=head)
   variables = _trained_looking(model)
   sd, notes = export.torch_state_dict(model, variables, 'torchreid')
   export.save_torch(str(tmp_path / 'm.pth'), sd)
-  net = tr.osnet_x0_25(num_classes=5)
+  net = tr.osnet_x0_25(num_classes=5).eval()
   net.load_state_dict(torch.load(tmp_path / 'm.pth', weights_only=True), strict=True)
-  images = np.random.default_rng(1).integers(0, 255, (3, 64, 32, 3), dtype=np.uint8)
-  np.testing.assert_allclose(
-      _torch_features(net.eval(), images), _jax_features(model, variables, images), atol=1e-4
-  )
   assert 'num_classes=5' in notes[0]
-  # and back again: the exported file converts to the same variables
-  again = checkpoint.load_weights(tmp_path / 'm.pth', model)
-  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(variables)):
-    np.testing.assert_allclose(a, b, atol=1e-7)
+  assert any(n == export.OSNET_FEATURE_NOTE[head] for n in notes)
+  images = np.random.default_rng(1).integers(0, 255, (3, 64, 32, 3), dtype=np.uint8)
+  x = torch.from_numpy(np.asarray(input_pipeline.normalize(images)).transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    v = net(x).numpy()  # the file's feature: the fc embedding (eval mode)
+    logits = net.classifier(torch.from_numpy(v)).numpy()
+  # The file's feature is the fc embedding, which is jaxreid's eval feature under 'fc_pre_bn'
+  # and the input of the BN neck under 'bnneck'.
+  embedding_model = models.create_model(backbone='osnet_x0_25', num_classes=5, head='fc_pre_bn')
+  fc_variables = _without_bn_neck(variables) if head == 'bnneck' else variables
+  np.testing.assert_allclose(
+      v / np.linalg.norm(v, axis=1, keepdims=True),
+      _jax_features(embedding_model, fc_variables, images),
+      atol=1e-4,
+  )
+  # The classifier's logits are jaxreid's: its rows read the neck output (hand-computed from v
+  # with the neck's running statistics), the neck folded into the weight and bias.
+  neck = v
+  if head == 'bnneck':
+    scale = variables['params']['neck']['bn']['scale']
+    stats = variables['batch_stats']['neck']['bn']
+    neck = (v - stats['mean']) * scale / np.sqrt(stats['var'] + 1e-5)
+    np.testing.assert_allclose(
+        neck / np.linalg.norm(neck, axis=1, keepdims=True),
+        _jax_features(model, variables, images),
+        atol=1e-4,
+    )
+  np.testing.assert_allclose(
+      logits, neck @ variables['params']['classifier']['kernel'], rtol=1e-4, atol=1e-4
+  )
+  # And back again: the file converts to the same network (a fresh, identity BN neck, whose
+  # evaluation scores the file's feature).
+  report = {}
+  again = checkpoint.load_weights(tmp_path / 'm.pth', model, report=report)
+  assert report['fresh'] == (
+      ['batch_stats/neck/bn/mean', 'batch_stats/neck/bn/var', 'params/neck/bn/scale']
+      if head == 'bnneck'
+      else []
+  )
+  flat_again, flat = traverse_util.flatten_dict(again), traverse_util.flatten_dict(variables)
+  for path, value in flat.items():
+    if path[1] != 'classifier' and path[2:3] != ('bn',):
+      np.testing.assert_allclose(flat_again[path], value, atol=1e-7, err_msg=str(path))
+  np.testing.assert_allclose(
+      _jax_features(model, again, images), v / np.linalg.norm(v, axis=1, keepdims=True), atol=1e-4
+  )
 
 
 def test_export_mobilenetv2_folds_the_neck_and_keeps_last_stride_1(tmp_path):

@@ -71,20 +71,21 @@ def _torch_net(backbone: str, arch: str):
   base, last, extra, dim = _torch_trunk(backbone)
 
   class Head(torch.nn.Module):
-    """ResNet / MobileNetV2: f -> BN neck (bias frozen) -> classifier; OSNet: torchreid's fc
-    (Linear + BN + ReLU) -> classifier."""
+    """f -> BN neck (bias frozen) -> classifier, where f is the pooled feature (ResNet /
+    MobileNetV2) or torchreid's fc embedding (OSNet: Linear + BN + ReLU; jaxreid's head 'bnneck').
+    """
 
     def __init__(self):
       super().__init__()
+      width = dim
+      self.fc = torch.nn.Identity()
       if backbone.startswith('osnet'):
-        self.fc = torch.nn.Linear(dim, 512)
-        self.neck = torch.nn.Sequential(torch.nn.BatchNorm1d(512), torch.nn.ReLU())
         width = 512
-      else:
-        self.fc = torch.nn.Identity()
-        self.neck = torch.nn.BatchNorm1d(dim)
-        self.neck.bias.requires_grad_(False)
-        width = dim
+        self.fc = torch.nn.Sequential(
+            torch.nn.Linear(dim, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU()
+        )
+      self.neck = torch.nn.BatchNorm1d(width)
+      self.neck.bias.requires_grad_(False)
       self.classifier = torch.nn.Linear(width, 512, bias=False)
 
     def forward(self, pooled):
