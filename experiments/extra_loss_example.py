@@ -25,7 +25,9 @@ def mmt_with_margin_triplet(outputs, labels, weights):
     for net in ('student1', 'student2'):
       value = losses.margin_triplet(outputs[f'{net}/features'], labels.ids, margin=0.3)
       metrics[f'loss/margin_tri/{net}'] = value
-      total = total + weights['margin_tri'] * value
+      # named for the gradient diagnostics (grad_share/margin_tri/<net>; unnamed, it is 'other')
+      metrics[f'{methods.WEIGHTED}margin_tri/{net}'] = weights['margin_tri'] * value
+      total = total + metrics[f'{methods.WEIGHTED}margin_tri/{net}']
   metrics['loss/total'] = total
   return total, metrics
 

@@ -34,6 +34,8 @@ NUMERIC_RANGES = {
     'pretrain.eval_every': (0, None, True),
     'train.epochs': (0, None, True),
     'train.iters': (1, None, True),
+    'train.gradient_shares_every': (0, None, True),
+    'cluster.kmeans_n_init': (1, None, True),
     'train.lr': (0.0, None, True),
     'train.weight_decay': (0.0, None, True),
     'train.ema_decay': (0.0, 1.0, False),
@@ -103,6 +105,13 @@ def validate_config(config) -> None:
       config.model.get('backbone', 'resnet') in models.BACKBONES,
       'model.backbone',
       f'{config.model.get("backbone")!r} is not one of {models.BACKBONES}',
+  )
+  head = config.model.get('head', 'bnneck')
+  check(head in models.HEADS, 'model.head', f'{head!r} is not one of {models.HEADS}')
+  check(
+      head != 'fc_pre_bn' or config.model.get('backbone', 'resnet').startswith('osnet'),
+      'model.head',
+      "'fc_pre_bn' reads OSNet's fc block; other backbones have 'bnneck' only",
   )
   check(
       config.model.dtype in ('float32', 'bfloat16'),

@@ -190,6 +190,22 @@ def panel_grad_norm(ax, recs, source_only=None) -> bool:
   return bool(len(x))
 
 
+def panel_gradient_shares(ax, recs, source_only=None) -> bool:
+  """Each weighted term's share of the gradient (train.make_gradient_shares), with the 1% line
+  under which a term is warned about."""
+  drawn = False
+  for k in keys_with_prefix(recs, 'grad_share/'):
+    x, y = series(recs, k)
+    if len(x):
+      _line(ax, x, 100 * y, k[len('grad_share/') :])
+      drawn = True
+  if drawn:
+    ax.axhline(1.0, color='grey', linestyle=':', linewidth=1)
+    ax.set_yscale('log')
+  _finish(ax, 'share of the gradient (first batch of the epoch)', '%')
+  return drawn
+
+
 def panel_clusters(ax, recs, source_only=None) -> bool:
   x, y = series(recs, 'cluster/num_clusters')
   xn, yn = series(recs, 'cluster/noise_fraction')
@@ -280,6 +296,7 @@ RUN_PANELS = (
     ('coupling', panel_coupling),
     ('lr', panel_lr),
     ('grad_norm', panel_grad_norm),
+    ('gradient_shares', panel_gradient_shares),
 )
 
 
@@ -295,7 +312,7 @@ def _draw_panel(fn, recs, source_only):
 
 def plot_run(workdir: str, *, per_panel: bool = True, pretrain: bool = True) -> list[str]:
   """Writes `<workdir>/plots/{overview,losses,accuracy,clusters,pseudo_labels,coupling,lr,
-  grad_norm,pretrain}.png` for the panels that have data; returns the paths written.
+  grad_norm,gradient_shares,pretrain}.png` for the panels that have data; returns the paths written.
 
   Nothing is written (and [] returned) before the first adaptation epoch unless pre-training
   curves exist. Raises FileNotFoundError when there is no metrics.jsonl. `per_panel=False`

@@ -437,6 +437,14 @@ def test_adaptation_starts_from_a_torchreid_file_without_source_pretraining(
   assert summary['source only']['mAP'] == pytest.approx(expected['mAP'], abs=1e-6)
   if method == 'mmt':
     assert np.isfinite(summary['mmt (adapted)']['mAP'])
+    # The epoch's record holds every term's share of the gradient (train.make_gradient_shares)
+    import json
+
+    with open(workdir / 'metrics.jsonl') as f:
+      (epoch,) = [r for r in map(json.loads, f) if r.get('stage') == 'mmt' and 'epoch' in r]
+    shares = {k: v for k, v in epoch.items() if k.startswith('grad_share/')}
+    assert {'grad_share/tri1', 'grad_share/soft_tri2', 'grad_share/ce1'} <= set(shares)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-4)
   assert (workdir / 'model.msgpack').is_file()
 
 
@@ -472,7 +480,9 @@ def test_abmt_from_a_single_branch_model_starts_with_an_identity_extra_block():
   flat_after = traverse_util.flatten_dict(warm)
   for path, value in flat_after.items():
     top = path[1]
-    if path[0] == 'batch_stats' and top in ('max_branch', 'max_neck'):
+    if path[:3] == ('batch_stats', 'max_neck', 'bn'):
+      np.testing.assert_array_equal(value, flat_before[path])  # the BN neck behind the fc kept
+    elif path[0] == 'batch_stats' and top in ('max_branch', 'max_neck'):
       assert not np.allclose(value, flat_before[path]), path  # re-estimated on the images
     elif path[:3] != ('params', 'max_branch', 'extra'):
       np.testing.assert_array_equal(value, flat_before[path])  # trunk and avg branch untouched

@@ -175,6 +175,11 @@ def test_generate_both_methods():
   assert eps_k == eps and 'eps' not in info_k and lab_k.min() == 0 and lab_k.max() < 20
   np.testing.assert_array_equal(lab_k, C.relabel_contiguous(C.kmeans(x, 20, seed=1)[0]))
   assert C.cluster_stats(lab_k, true)['nmi'] > 0.8
+  # config.cluster.kmeans_n_init: the best of n k-means++ starts, as kmeans(n_init=n) gives
+  cc.kmeans_n_init = 3
+  np.testing.assert_array_equal(
+      C.generate(cc, x, seed=1)[0], C.relabel_contiguous(C.kmeans(x, 20, seed=1, n_init=3)[0])
+  )
   cc.method = 'spectral'
   with pytest.raises(config_checks.ConfigError, match="'spectral'"):
     C.generate(cc, x, seed=0)

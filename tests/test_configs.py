@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -72,3 +73,24 @@ def test_configs_import_nothing_from_jaxreid():
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == '[]'
+
+
+@pytest.mark.parametrize(
+    'backbone, head, error',
+    [
+        ('osnet_x0_25', 'fc_pre_bn', None),
+        ('osnet_x0_25', 'bnneck', None),
+        ('resnet', 'bnneck', None),
+        ('resnet', 'fc_pre_bn', "config.model.head: 'fc_pre_bn' reads OSNet's fc block"),
+        ('mobilenetv2', 'fc_pre_bn', "config.model.head: 'fc_pre_bn' reads OSNet's fc block"),
+        ('osnet_x0_25', 'pre_bn', "config.model.head: 'pre_bn' is not one of"),
+    ],
+)
+def test_the_head_field_is_checked_before_any_work(backbone, head, error):
+  c = base.get_config('mmt')
+  c.model.backbone, c.model.head = backbone, head
+  if error is None:
+    config_checks.validate_config(c)
+  else:
+    with pytest.raises(config_checks.ConfigError, match=re.escape(error)):
+      config_checks.validate_config(c)

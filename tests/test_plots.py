@@ -30,7 +30,7 @@ def _write(path, records, tail=''):
     f.write(tail)
 
 
-def mmt_records(epochs=4, *, quality=True, coupling=True, lr=True, offset=0.0):
+def mmt_records(epochs=4, *, quality=True, coupling=True, lr=True, shares=True, offset=0.0):
   recs = [
       {
           'stage': 'source_only',
@@ -61,6 +61,8 @@ def mmt_records(epochs=4, *, quality=True, coupling=True, lr=True, offset=0.0):
         'loss/total': 9.5 - 0.3 * e,
         'prec/tri1': 0.1 * e,
     }
+    if shares:
+      r.update({'grad_share/ce1': 0.5, 'grad_share/tri1': 0.495, 'grad_share/soft_tri1': 0.005})
     if quality:
       r.update(
           {
@@ -173,13 +175,14 @@ def test_plot_run_writes_every_panel_with_data(mmt_run):
       'coupling.png',
       'lr.png',
       'grad_norm.png',
+      'gradient_shares.png',
       'pretrain.png',
   ]
   for p in written:
     assert os.path.dirname(p) == os.path.join(mmt_run, 'plots')
     w, h = _png_size(p)
     assert w >= 300 and h >= 200
-  # The overview has a grid of 7 panels (2 columns x 4 rows): taller than wide.
+  # The overview has a grid of 8 panels (2 columns x 4 rows): taller than wide.
   w, h = _png_size(written[0])
   assert h > w
   assert not [f for f in os.listdir(os.path.join(mmt_run, 'plots')) if f.endswith('.tmp')]
@@ -187,7 +190,10 @@ def test_plot_run_writes_every_panel_with_data(mmt_run):
 
 def test_plot_run_skips_absent_panels(tmp_path):
   workdir = tmp_path / 'dbscan_no_gt'
-  _write(str(workdir / 'metrics.jsonl'), mmt_records(3, quality=False, coupling=False, lr=False))
+  _write(
+      str(workdir / 'metrics.jsonl'),
+      mmt_records(3, quality=False, coupling=False, lr=False, shares=False),
+  )
   names = {os.path.basename(p) for p in plots.plot_run(str(workdir))}
   assert names == {'overview.png', 'losses.png', 'accuracy.png', 'clusters.png', 'grad_norm.png'}
 
@@ -237,6 +243,16 @@ def test_panels_draw_the_recorded_values(mmt_run):
   }
   ax = Figure().add_subplot()
   assert not plots.panel_coupling(ax, [{'step': 1, 'loss/total': 1.0}])
+
+  # Gradient shares in percent per term, and the 1% line under which a term is warned about.
+  ax = Figure().add_subplot()
+  assert plots.panel_gradient_shares(ax, recs)
+  lines = {l.get_label(): l for l in ax.get_lines()}
+  np.testing.assert_allclose(lines['soft_tri1'].get_ydata(), [0.5] * 4)
+  np.testing.assert_allclose(lines['ce1'].get_ydata(), [50.0] * 4)
+  assert any(list(l.get_ydata()) == [1.0, 1.0] for l in ax.get_lines() if l.get_label()[0] == '_')
+  ax = Figure().add_subplot()
+  assert not plots.panel_gradient_shares(ax, [{'step': 1, 'loss/total': 1.0}])
 
 
 # ----------------------------------------------------------------------------------------------

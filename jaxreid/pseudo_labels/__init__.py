@@ -69,7 +69,13 @@ def generate(
   )
   log(f'[cluster] {what} of {features.shape[0]} x {features.shape[1]} features ...')
   if cc.method == 'kmeans':
-    labels, _ = kmeans(features, cc.num_clusters, seed=seed, backend=cc.kmeans_backend)
+    labels, _ = kmeans(
+        features,
+        cc.num_clusters,
+        seed=seed,
+        backend=cc.kmeans_backend,
+        n_init=cc.get('kmeans_n_init', 1),
+    )
   elif cc.method == 'dbscan':
     graph = retrieval.jaccard_distance(
         features,
