@@ -6,8 +6,10 @@
   (or python -m jaxreid.tools.export ...)
 
 torchreid (OSNet): the state dict of `torchreid.models.osnet_x0_25(num_classes=K)` (the variant
-and K are printed); `load_state_dict(..., strict=True)` accepts it and the network's eval output
-is jaxreid's feature before L2 normalisation (the classifier holds the cluster centroids, bias 0).
+and K are printed); `load_state_dict(..., strict=True)` accepts it. The network's eval output is
+its 512-d fc embedding, the feature the triplet losses trained; with the default head 'bnneck'
+jaxreid's own evaluation reads a BN neck behind it, which torchreid has no place for (printed;
+docs/reference.md section 9). The classifier holds the cluster centroids, the neck folded in.
 torchvision (MobileNetV2): the state dict of `torchvision.models.mobilenet_v2(num_classes=1280)`
 whose classifier Linear is jaxreid's BN neck folded into a diagonal matrix and a bias, so
 `model(x)` is jaxreid's feature before L2 normalisation. A model trained with last stride 1 needs
