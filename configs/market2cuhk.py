@@ -6,7 +6,9 @@ with 600 clusters, or DBSCAN (ABMT, `:mmt,dbscan`).
   python -m jaxreid.main --config=configs/market2cuhk.py          # ABMT; or :mmt, :mmt,dbscan, ...
   bash experiments/real_adaptation.sh market2cuhk                 # every method, two seeds
 
-Measured on a 2-core CPU (docs/results.md; mAP of seeds 1 / 2): the published model 3.0; ABMT
+Measured on a 2-core CPU with the former OSNet head (`--config.model.head=fc_pre_bn`, the
+triplet terms inert; not yet rerun with the default; docs/results.md; mAP of seeds 1 / 2): the
+published model 3.0; ABMT
 9.4 / 8.8 (20 / 26 min); MMT with DBSCAN 7.9 / 8.0; MMT 7.1 / 7.4; mean teacher 7.1 / 7.5;
 clustering baseline 6.5 / 6.7.
 """
