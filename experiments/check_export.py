@@ -4,8 +4,11 @@ torchreid's OSNet (tests/torch_reference.py, the architecture tested equal to to
 the query and gallery features in PyTorch, and scores them with the Market protocol.
 
 Usage: python experiments/check_export.py --run=WORKDIR --data_root=../shared/data/market1501
-Prints the run's own result (results.json) beside the PyTorch one; they should agree to float
-rounding.
+Prints the run's own result (results.json) beside the PyTorch one. With the OSNet head
+'fc_pre_bn' they should agree to float rounding; with the default 'bnneck' the file's feature is
+the fc embedding, the input of jaxreid's BN neck (docs/reference.md section 9), so the two can
+differ a little (for ABMT, the run's result is also the joint two-branch one: compare its
+`avg/mAP`).
 """
 
 import argparse

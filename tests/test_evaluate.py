@@ -202,8 +202,9 @@ def test_guess_architecture():
       dict(arch='resnet', backbone='resnet', depth=18, width=4, ibn=False),
       dict(arch='resnet', backbone='resnet', depth=50, width=4, ibn=True),
       dict(arch='abmt', backbone='resnet', depth=34, width=4, ibn=False),
-      dict(arch='resnet', backbone='osnet_x0_5'),
-      dict(arch='abmt', backbone='osnet_x0_25'),
+      dict(arch='resnet', backbone='osnet_x0_5', head='bnneck'),
+      dict(arch='abmt', backbone='osnet_x0_25', head='bnneck'),
+      dict(arch='resnet', backbone='osnet_x0_25', head='fc_pre_bn'),
       dict(arch='resnet', backbone='mobilenetv2'),
   ):
     v = models.abstract_variables(models.create_model(dict(kw, num_classes=3)), 64, 64)

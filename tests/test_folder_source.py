@@ -194,12 +194,14 @@ def test_adapt_an_unlabelled_folder_from_a_torchreid_file_to_a_torchreid_file(tm
   epoch = next(r for r in records if r.get('cluster/num_clusters'))
   assert 'cluster/purity' not in epoch and epoch['cluster/median_cluster'] > 0
 
-  # The torchreid file: PyTorch's OSNet loads it strictly and gives jaxreid's features.
+  # The torchreid file: PyTorch's OSNet loads it strictly, and its feature (the fc embedding,
+  # the input of jaxreid's BN neck: docs/reference.md section 9) is what jaxreid reads off the
+  # file.
   sd = torch.load(workdir / 'model.pth', weights_only=True)
   net = tr.osnet_x0_25(num_classes=sd['classifier.weight'].shape[0])
   net.load_state_dict(sd, strict=True)
   net.eval()
-  loaded = inference.load_model(str(workdir))
+  loaded = inference.load_model(str(workdir / 'model.pth'), {'height': 64, 'img_width': 32})
   images = input_pipeline.decode_images(sorted(map(str, crops.glob('cam1/*.jpg'))), 64, 32)
   ours = loaded.extract(images)
   x = (images / 255.0 - np.array(input_pipeline.IMAGENET_MEAN)) / input_pipeline.IMAGENET_STD
