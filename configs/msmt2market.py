@@ -8,7 +8,7 @@ evaluated at the end; K-means with 500 clusters, or DBSCAN (ABMT, `:mmt,dbscan`)
   bash experiments/real_adaptation.sh msmt2market                 # every method, two seeds
 
 Measured on a 2-core CPU (docs/results.md; mAP of seeds 1 / 2, wall time): the published model
-24.8; with the default head, ABMT 35.5 (seed 1, 47 min). With the former OSNet head
+24.8; with the default head, ABMT 35.5 (seed 1, 47 min), MMT 31.1 (seed 1, 77 min). With the former OSNet head
 (`--config.model.head=fc_pre_bn`, the triplet terms inert): ABMT 37.2 / 37.1 (46 / 58 min); MMT
 with DBSCAN 35.7 / 35.9 (57 / 48 min); MMT 34.8 / 33.7 (68 / 56 min); mean teacher 34.0 / 33.6;
 clustering baseline 34.9 / 32.2. ABMT for 10 epochs: 43.9 (78 min).
